@@ -1,0 +1,42 @@
+"""Training objectives: one file each, registered by name.
+
+A new objective is one file in this folder that subclasses :class:`Objective` and decorates it with
+``@register("name")``; every module here is imported on first use, so nothing else needs editing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from objectives.base import Objective, StepOutput
+
+OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+def register(name: str):
+    def add(cls: type[Objective]) -> type[Objective]:
+        if name in OBJECTIVES:
+            raise ValueError(f"objective {name!r} is registered twice ({OBJECTIVES[name].__module__}, {cls.__module__})")
+        cls.name = name
+        OBJECTIVES[name] = cls
+        return cls
+
+    return add
+
+
+def _import_all() -> None:
+    for module in pkgutil.iter_modules(__path__):
+        if module.name != "base":
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+def get(name: str) -> type[Objective]:
+    if name not in OBJECTIVES:
+        raise ValueError(f"Unknown objective {name!r}. Available objectives are: {', '.join(sorted(OBJECTIVES))}.")
+    return OBJECTIVES[name]
+
+
+_import_all()
+
+__all__ = ["OBJECTIVES", "Objective", "StepOutput", "get", "register"]

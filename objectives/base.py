@@ -1,0 +1,65 @@
+"""The objective interface: what one training signal owns (head, extra parameters, targets, loss, metrics).
+
+The backbone is a plain timm model created with ``num_classes=0`` and knows nothing of the objective, so
+exporting a backbone is exporting that timm model (``objective.backbone``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    """Scalar training loss."""
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Detached scalar tensors to log (no .item() here: the loop syncs only at log intervals)."""
+
+
+def mlp_tanh_head(dim: int, out_dim: int, hidden_dim: Optional[int] = None) -> nn.Sequential:
+    """The ViT paper's pretraining head: an MLP with one tanh hidden layer (section 3.1)."""
+    hidden_dim = hidden_dim or dim
+    return nn.Sequential(nn.Linear(dim, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, out_dim))
+
+
+class Objective(nn.Module):
+    """Wraps a timm backbone. ``forward(images, labels)`` takes images in [0, 1] and returns a StepOutput."""
+
+    name: str = ""
+
+    @dataclass
+    class Options:
+        pass
+
+    def __init__(self, backbone: nn.Module, num_classes: int, options: Options):
+        super().__init__()
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.options = options
+        cfg = getattr(backbone, "pretrained_cfg", {}) or {}
+        # Targets such as mean colours are computed on [0, 1] images; the backbone sees them normalised.
+        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.5, 0.5, 0.5))).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.get("std", (0.5, 0.5, 0.5))).view(1, 3, 1, 1), persistent=False)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
+        raise NotImplementedError
+
+    def make_metrics(self):
+        """A torchmetrics MetricCollection for validation (synced across processes by torchmetrics)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def update_metrics(self, metrics, images: torch.Tensor, labels: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def on_evaluate(self, images: torch.Tensor, labels: torch.Tensor, out_dir: Path, step: int) -> None:
+        """Optional: write a figure from a few validation images (main process only)."""

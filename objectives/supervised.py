@@ -1,0 +1,69 @@
+"""Supervised classification: softmax cross-entropy (optionally label-smoothed) or the sigmoid
+cross-entropy the ViT paper used for multi-label JFT pretraining (section 4.1). Fine-tuning is this
+objective with a zero-initialised linear head (paper, section 3.2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import nn
+
+from objectives import register
+from objectives.base import Objective, StepOutput, mlp_tanh_head
+
+
+@register("supervised")
+class Supervised(Objective):
+    @dataclass
+    class Options:
+        loss: Literal["softmax", "sigmoid"] = "softmax"
+        """softmax cross-entropy, or per-class sigmoid cross-entropy (paper: JFT pretraining)."""
+        label_smoothing: float = 0.0
+        head: Literal["linear", "mlp_tanh"] = "linear"
+        """linear, or the paper's pretraining head: an MLP with one tanh hidden layer."""
+        zero_init_head: bool = False
+        """Zero-initialise the head's last layer (paper section 3.2: fine-tuning heads start at zero)."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, options: Options):
+        super().__init__(backbone, num_classes, options)
+        dim = backbone.num_features
+        self.head = nn.Linear(dim, num_classes) if options.head == "linear" else mlp_tanh_head(dim, num_classes)
+        last = self.head if isinstance(self.head, nn.Linear) else self.head[-1]
+        if options.zero_init_head:
+            nn.init.zeros_(last.weight)
+        else:
+            nn.init.trunc_normal_(last.weight, std=0.02)
+        nn.init.zeros_(last.bias)
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(self.normalize(images)))
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
+        logits = self.logits(images)
+        if self.options.loss == "sigmoid":
+            targets = F.one_hot(labels, self.num_classes).to(logits.dtype)
+            eps = self.options.label_smoothing
+            targets = targets * (1 - eps) + eps / self.num_classes
+            # Sum over classes, mean over images (the JFT sigmoid loss of the paper's big_vision code).
+            loss = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="sum") / len(labels)
+        else:
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.options.label_smoothing)
+        accuracy = (logits.argmax(-1) == labels).float().mean()
+        return StepOutput(loss, {"accuracy": accuracy.detach()})
+
+    def make_metrics(self) -> torchmetrics.MetricCollection:
+        top_k = min(5, self.num_classes)
+        return torchmetrics.MetricCollection(
+            {
+                "top1": torchmetrics.Accuracy("multiclass", num_classes=self.num_classes),
+                f"top{top_k}": torchmetrics.Accuracy("multiclass", num_classes=self.num_classes, top_k=top_k),
+            }
+        )
+
+    @torch.no_grad()
+    def update_metrics(self, metrics, images: torch.Tensor, labels: torch.Tensor) -> None:
+        metrics.update(self.logits(images).float(), labels)

@@ -1,0 +1,146 @@
+"""Run configuration: one typed dataclass, YAML presets in configs/, every key overridable on the command line.
+
+Parsing is jsonargparse's: unknown keys and wrong types are errors that name the valid keys, and the resolved
+config is written next to every run (``config.yaml``) so ``--config runs/x/config.yaml`` repeats it.
+Objective-specific options live with their objective (``objectives/<name>.py``, class ``Options``) and are
+addressed as ``--masked_patch.mask_ratio 0.15`` or, in YAML, ``masked_patch: {mask_ratio: 0.15}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+import objectives
+
+
+@dataclass
+class TrainConfig:
+    """Configuration of one training run (pretraining or fine-tuning: the same loop)."""
+
+    objective: str = "masked_patch"
+    """Training objective, a name registered in objectives/ (masked_patch, supervised, ...)."""
+    model: str = "vit_tiny_patch16_224"
+    """Any timm model name: vit_*, resnetv2_*_bit, hybrid vit_*_r50_* ..."""
+    model_kwargs: dict = field(default_factory=lambda: {"patch_size": 4})
+    """Keyword overrides for timm.create_model, e.g. {patch_size: 4, depth: 6}."""
+    img_size: int = 32
+    """Training resolution in pixels (square)."""
+    init: Optional[str] = None
+    """Start from weights: an ssvit checkpoint (dir or model.safetensors), an exported backbone folder,
+    or timm:<name> for timm's pretrained weights. The objective's head is always new."""
+
+    data: str = "synthetic"
+    """synthetic | parquet:PATH | imagefolder:DIR | a Hugging Face hub dataset name (needs internet)."""
+    image_column: Optional[str] = None
+    """Image column; detected from the dataset features when unset."""
+    label_column: Optional[str] = None
+    """Label column; detected (a ClassLabel feature) when unset."""
+    val_fraction: float = 0.02
+    """Share of train held out for validation when the data has no validation split (ViT paper: 2%)."""
+    split_seed: int = 0
+    """Seed of the held-out split and of label subsets: fixed across runs so that runs compare."""
+    label_fraction: Optional[float] = None
+    """Train on a seeded, class-balanced fraction of the training images (low-label studies)."""
+    samples_per_class: Optional[int] = None
+    """Train on N seeded images per class (few-label studies)."""
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    """RandomResizedCrop area range (the paper's augmentation: random resized crop + flip)."""
+    hflip: bool = True
+    """Random horizontal flips."""
+    dataloader_num_workers: int = 0
+    """DataLoader worker processes (0: decode in the training process; best on 2 CPU cores)."""
+
+    output_dir: str = "runs/latest"
+    """Where checkpoints, logs, config.yaml and figures go."""
+    max_steps: int = 300
+    """Optimizer steps to train for."""
+    batch_size: int = 128
+    """Global batch size: split over processes and gradient accumulation steps."""
+    gradient_accumulation_steps: int = 1
+    lr: float = 1e-3
+    """Peak learning rate (at lr_base_batch_size when that is set)."""
+    lr_base_batch_size: Optional[int] = None
+    """When set, lr is scaled linearly: lr * batch_size / lr_base_batch_size."""
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = 0.1
+    """AdamW default is the paper's pretraining value (0.1); fine-tuning uses 0."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    momentum: float = 0.9
+    """SGD momentum (paper fine-tuning: 0.9)."""
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 20
+    max_grad_norm: Optional[float] = 1.0
+    """Clip the global gradient norm (paper: 1); null disables."""
+    ema_decay: Optional[float] = None
+    """Keep an exponential moving average of the weights (timm ModelEmaV3), e.g. 0.9999."""
+    mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = None
+    """Autocast precision; unset takes accelerate launch's setting."""
+    seed: int = 0
+    resume: Optional[str] = None
+    """Resume: 'latest' (the newest checkpoint in output_dir; a bare --resume means this) or a checkpoint path."""
+
+    logging_steps: int = 10
+    eval_steps: int = 100
+    """Evaluate on the validation split every N steps and at the end."""
+    eval_batches: Optional[int] = None
+    """Cap on validation batches per evaluation (None: the whole split)."""
+    save_steps: int = 100
+    save_total_limit: int = 2
+    """How many step checkpoints to keep (oldest removed first)."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Accelerate trackers besides the always-on metrics.jsonl (e.g. [tensorboard, wandb]; [] for none)."""
+    compile: bool = False
+    """torch.compile the model."""
+
+
+def _flag_aliases(argv: list[str]) -> list[str]:
+    """Accept --output-dir for --output_dir, and a bare --resume for --resume latest."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg.startswith("--") and "-" in arg[2:].split("=")[0]:
+            name, eq, value = arg[2:].partition("=")
+            arg = "--" + name.replace("-", "_") + eq + value
+        out.append(arg)
+        if arg == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            out.append("latest")
+    return out
+
+
+def build_parser(defaults: Optional[dict] = None, prog: Optional[str] = None) -> ArgumentParser:
+    parser = ArgumentParser(prog=prog, description=__doc__.splitlines()[0], exit_on_error=True)
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML preset, e.g. configs/cifar10_mpp_cpu.yaml")
+    parser.add_class_arguments(TrainConfig, fail_untyped=True, sub_configs=True)
+    for name, objective in objectives.OBJECTIVES.items():
+        parser.add_class_arguments(objective.Options, nested_key=name, help=f"Options of the {name} objective.")
+    if defaults:
+        parser.set_defaults(defaults)
+    return parser
+
+
+@dataclass
+class RunConfig:
+    """A parsed run: the trainer's config, the chosen objective's options, and the parser to dump both."""
+
+    train: TrainConfig
+    objective_options: object
+    namespace: Namespace
+    parser: ArgumentParser
+
+    def dump(self) -> str:
+        return self.parser.dump(self.namespace, skip_none=False)
+
+
+def parse(argv: Optional[list[str]] = None, defaults: Optional[dict] = None, prog: Optional[str] = None) -> RunConfig:
+    parser = build_parser(defaults, prog)
+    ns = parser.parse_args(_flag_aliases(sys.argv[1:] if argv is None else list(argv)))
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    train = TrainConfig(**{k: v for k, v in vars(ns).items() if k in train_keys})
+    objective_cls = objectives.get(train.objective)
+    options = objective_cls.Options(**vars(ns[train.objective]))
+    return RunConfig(train, options, ns, parser)

@@ -1,0 +1,108 @@
+"""Backbones through timm.create_model, and loading of initial weights with exact key checks."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Optional
+
+import timm
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+
+def create_backbone(name: str, img_size: int, model_kwargs: Optional[dict] = None) -> nn.Module:
+    """A timm model without its classifier (num_classes=0): the objective owns the head."""
+    arch = name.split(".")[0]
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+        hint = f" Did you mean: {', '.join(close)}?" if close else " See timm.list_models('vit_*')."
+        raise ValueError(f"Unknown timm model {name!r}.{hint}")
+    kwargs = dict(model_kwargs or {}, num_classes=0)
+    try:
+        model = timm.create_model(name, img_size=img_size, **kwargs)
+    except TypeError as e:
+        if "img_size" not in str(e):
+            raise ValueError(f"timm.create_model({name!r}, **{kwargs}) failed: {e}. Check model_kwargs.") from e
+        model = timm.create_model(name, **kwargs)  # convolutional models (BiT) take any input size
+    embed = getattr(model, "patch_embed", None)
+    if embed is not None and hasattr(embed, "grid_size"):
+        stride = img_size / embed.grid_size[0]
+        if img_size % embed.grid_size[0] or stride != int(stride) or embed.grid_size[0] * int(stride) != img_size:
+            raise ValueError(
+                f"Image size {img_size} is not divisible by the patch size of {name} "
+                f"(patch_size={getattr(embed, 'patch_size', '?')}). Choose --img_size as a multiple of the "
+                f"patch size, or set --model_kwargs '{{patch_size: P}}' to one that divides {img_size}."
+            )
+    return model
+
+
+def describe(model: nn.Module) -> str:
+    params = sum(p.numel() for p in model.parameters())
+    return f"{type(model).__name__}, {params / 1e6:.2f}M parameters"
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights from an ssvit checkpoint folder, an exported backbone folder, or a .safetensors file.
+    Never unpickles: safetensors only."""
+    p = Path(path)
+    if p.is_dir():
+        candidates = [p / "model.safetensors", p / "backbone.safetensors"]
+        found = next((c for c in candidates if c.exists()), None)
+        if found is None:
+            raise FileNotFoundError(f"{p} has no model.safetensors: is it an ssvit checkpoint or exported backbone?")
+        p = found
+    if not p.exists():
+        raise FileNotFoundError(f"Checkpoint {p} does not exist.")
+    if p.suffix != ".safetensors":
+        raise ValueError(f"{p}: ssvit loads weights from .safetensors files only (never pickles).")
+    return load_file(p)
+
+
+def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load backbone weights from an ssvit checkpoint (keys backbone.*) or a bare timm state dict.
+
+    The objective's head is always new, so only keys outside the backbone may be left over; anything else
+    (a missing backbone key, a shape mismatch) means another architecture and is an error naming the keys."""
+    if any(k.startswith("backbone.") for k in state):
+        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    own = backbone.state_dict()
+    # Position embeddings trained at another resolution are resampled in 2-D (timm), class token kept.
+    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
+        state["pos_embed"] = resample_pos_embed(state["pos_embed"], backbone)
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(k for k in set(state) - set(own) if not k.startswith(("head.", "fc_norm.")))
+    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or mismatched:
+        lines = [f"The weights in {source} do not fit {type(backbone).__name__}:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        if mismatched:
+            lines += [f"  shape mismatch {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched[:8]]
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:8])}")
+        lines.append("Use the --model and --model_kwargs the checkpoint was trained with (see its config.yaml).")
+        raise ValueError("\n".join(lines))
+    backbone.load_state_dict({k: state[k] for k in own}, strict=True)
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, backbone: nn.Module) -> torch.Tensor:
+    from timm.layers import resample_abs_pos_embed
+
+    prefix = 0 if getattr(backbone, "no_embed_class", False) else backbone.num_prefix_tokens
+    return resample_abs_pos_embed(pos_embed, new_size=list(backbone.patch_embed.grid_size), num_prefix_tokens=prefix)
+
+
+def run_config_of(checkpoint: str | Path) -> Optional[dict]:
+    """The config.yaml saved beside an ssvit checkpoint (or its run), if any."""
+    import yaml
+
+    p = Path(checkpoint)
+    for folder in (p if p.is_dir() else p.parent, *(p if p.is_dir() else p.parent).parents[:2]):
+        if (folder / "config.yaml").exists():
+            return yaml.safe_load((folder / "config.yaml").read_text())
+        if (folder / "config.json").exists():
+            return json.loads((folder / "config.json").read_text())
+    return None

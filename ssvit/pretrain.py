@@ -1,0 +1,39 @@
+"""Pretrain a ViT (or BiT) with any registered objective.
+
+    accelerate launch ssvit/pretrain.py --objective masked_patch
+    accelerate launch ssvit/pretrain.py --config configs/cifar10_mpp_cpu.yaml
+    python -m ssvit.pretrain --objective supervised --model resnetv2_50x1_bit --data parquet:PATH
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (accelerate launch ssvit/pretrain.py): make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from accelerate import PartialState  # noqa: E402
+
+from ssvit.config import parse  # noqa: E402
+from ssvit.train import train  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    run = parse(argv, prog="ssvit-pretrain")
+    result = train(run)
+    if PartialState().is_main_process:
+        print_summary(result, run.train.output_dir)
+    return result
+
+
+def print_summary(result: dict, output_dir: str) -> None:
+    metrics = {k.removeprefix("val/"): v for k, v in result.items() if k.startswith("val/")}
+    print("\nDone.", ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    print(f"Checkpoint: {result['checkpoint']}")
+    print(f"Results:    {output_dir}/results.json, metrics in {output_dir}/metrics.jsonl, figures in {output_dir}/figures")
+    print("Next: resume with --resume; change any setting with --key value (see --help).")
+
+
+if __name__ == "__main__":
+    main()
