@@ -187,14 +187,13 @@ def load_splits(cfg, is_main: bool = True) -> Splits:
     """Train and validation splits from cfg.data (see TrainConfig). Validation is held out of train when the
     data has no validation split (seeded by cfg.split_seed, stratified by class)."""
     size = cfg.img_size
-    if cfg.data == "synthetic":
-        images, labels = synthetic_images(10_000, size, seed=1234)
-        n_val = 1000
-        train = (images[n_val:], labels[n_val:])
-        val = (images[:n_val], labels[:n_val])
-        names, desc = list(SYNTHETIC_CLASSES), "synthetic (9,000 train / 1,000 val, built in)"
-        train_ds = TensorImages(*train, size)
-        val_ds = TensorImages(*val, size)
+    if cfg.data.split(":")[0] == "synthetic":  # synthetic or synthetic:N (N images, 10% of them for validation)
+        n = int(cfg.data.partition(":")[2] or 10_000)
+        images, labels = synthetic_images(n, size, seed=1234)
+        n_val = n // 10
+        train_ds = TensorImages(images[n_val:], labels[n_val:], size)
+        val_ds = TensorImages(images[:n_val], labels[:n_val], size)
+        names, desc = list(SYNTHETIC_CLASSES), f"synthetic ({n - n_val:,} train / {n_val:,} val, built in)"
     else:
         dd = _load_hf(cfg.data)
         image_col, label_col = _columns(dd["train"], cfg.image_column, cfg.label_column)

@@ -72,20 +72,25 @@ def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], s
     # Position embeddings trained at another resolution are resampled in 2-D (timm), class token kept.
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
         state["pos_embed"] = resample_pos_embed(state["pos_embed"], backbone)
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(k for k in set(state) - set(own) if not k.startswith(("head.", "fc_norm.")))
-    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or mismatched:
-        lines = [f"The weights in {source} do not fit {type(backbone).__name__}:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-        if mismatched:
-            lines += [f"  shape mismatch {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched[:8]]
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:8])}")
-        lines.append("Use the --model and --model_kwargs the checkpoint was trained with (see its config.yaml).")
-        raise ValueError("\n".join(lines))
+    # Only a classifier may be left over (a fine-tuned or timm model's head): the objective brings its own.
+    check_compatible(own, state, source, type(backbone).__name__, ignore_unexpected=("head.", "fc_norm."))
     backbone.load_state_dict({k: state[k] for k in own}, strict=True)
+
+
+def check_compatible(own: dict, state: dict, source: str, target: str, ignore_unexpected: tuple = ()) -> None:
+    """Raise a ValueError naming the missing, unexpected and mis-shaped keys when `state` does not fit `own`."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(k for k in set(state) - set(own) if not k.startswith(ignore_unexpected or ("\0",)))
+    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if not (missing or mismatched or unexpected):
+        return
+    lines = [f"The weights in {source} do not fit {target}:"]
+    for what, keys in (("missing keys", missing), ("unexpected keys", unexpected)):
+        if keys:
+            lines.append(f"  {what} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
+    lines += [f"  shape mismatch {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched[:8]]
+    lines.append("Use the --model, --model_kwargs and --objective the checkpoint was trained with (see its config.yaml).")
+    raise ValueError("\n".join(lines))
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, backbone: nn.Module) -> torch.Tensor:

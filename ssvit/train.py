@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 import objectives
 from ssvit.config import RunConfig, TrainConfig
 from ssvit.data import EpochSampler, load_splits
-from ssvit.models import create_backbone, describe, load_backbone_weights, read_state_dict
+from ssvit.models import check_compatible, create_backbone, describe, load_backbone_weights, read_state_dict
 
 
 class NonFiniteLossError(RuntimeError):
@@ -104,6 +104,12 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, ema, 
 # ----------------------------------------------------------------------------------------------------------
 
 
+def seed_process(seed: int) -> None:
+    """Seed this process's RNGs for training: runs repeat from the seed, and each process draws its own
+    corruption and augmentation noise (the seed is offset by the process index)."""
+    set_seed(seed, device_specific=True)
+
+
 def build_objective(run: RunConfig, num_classes: int) -> objectives.Objective:
     cfg = run.train
     backbone = create_backbone(cfg.model, cfg.img_size, cfg.model_kwargs)
@@ -166,6 +172,23 @@ def evaluate(accelerator, model, val_ds, cfg: TrainConfig, step: int, figures: P
     return result
 
 
+def fewshot_during_training(accelerator, model, splits, cfg: TrainConfig) -> dict:
+    """1/5/10/25-shot linear accuracy of the frozen backbone on the validation split (main process computes)."""
+    from ssvit.evaluate import evaluate_backbone, representation_for
+
+    result = {}
+    if accelerator.is_main_process:
+        was_training = model.training
+        with accelerator.autocast():
+            rep = representation_for(cfg.objective, cfg.fewshot_representation)
+            out = evaluate_backbone(model.backbone, splits, rep, probe=False, max_train=2000, device=accelerator.device,
+                                    batch_size=max(cfg.batch_size, 64))  # fmt: skip
+        model.train(was_training)
+        result = {f"val/{k}": v for k, v in out.items() if k.startswith("fewshot") and not k.endswith("_std")}
+    accelerator.wait_for_everyone()
+    return result
+
+
 def train(run: RunConfig) -> dict:
     cfg = run.train
     output_dir = Path(cfg.output_dir)
@@ -176,6 +199,9 @@ def train(run: RunConfig) -> dict:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
     world, accum = accelerator.num_processes, cfg.gradient_accumulation_steps
+    if accelerator.device.type == "cpu":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 1) // local))
     if cfg.batch_size % (world * accum):
         raise ValueError(
             f"--batch_size {cfg.batch_size} is the global batch: it must divide evenly over {world} process(es) "
@@ -218,13 +244,14 @@ def train(run: RunConfig) -> dict:
 
     step = 0
     if resume_from is not None:
+        check_compatible(unwrapped.state_dict(), read_state_dict(resume_from), str(resume_from), f"this {cfg.objective} run")
         accelerator.load_state(str(resume_from))  # model, optimizer, every process's RNG states
         step = json.loads((resume_from / "trainer_state.json").read_text())["step"]
         if ema is not None:
             ema.module.load_state_dict(load_file(resume_from / "ema.safetensors"))
         accelerator.print(f"Resumed from {resume_from} at step {step}.")
     else:
-        set_seed(cfg.seed, device_specific=True)  # each process corrupts/drops differently
+        seed_process(cfg.seed)
     start_step = step
 
     flat_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(cfg).items()}
@@ -261,7 +288,7 @@ def train(run: RunConfig) -> dict:
             data_wait += time.perf_counter() - tick
             images = batch["image"].float().div_(255)
             # ---- the training step ----
-            with accelerator.accumulate(model), accelerator.autocast():
+            with accelerator.accumulate(model):  # prepare() already runs forward under autocast
                 out = model(images, batch["label"])
                 accelerator.backward(out.loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm:
@@ -296,6 +323,8 @@ def train(run: RunConfig) -> dict:
                 eval_result = evaluate(accelerator, unwrapped, splits.val, cfg, step, figures)
                 if ema is not None:
                     eval_result |= evaluate(accelerator, ema.module, splits.val, cfg, step, figures, prefix="ema_")
+                if cfg.fewshot_steps != 0 and (step == cfg.max_steps or (cfg.fewshot_steps and step % cfg.fewshot_steps == 0)):
+                    eval_result |= fewshot_during_training(accelerator, unwrapped, splits, cfg)
                 accelerator.log(eval_result, step=step)
                 bar.write(f"step {step}: " + ", ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in eval_result.items()))
                 window_start = time.perf_counter()  # evaluation time is not training throughput

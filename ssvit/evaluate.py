@@ -1,0 +1,205 @@
+"""Frozen-feature evaluation: few-shot linear (ViT paper, section 4.1), linear probe and k-NN.
+
+    python -m ssvit.evaluate --init runs/cifar10_mpp_cpu/checkpoints/step_001500 --data parquet:../shared/data/cifar10/train.parquet
+
+Few-shot: regularised least squares from frozen features to {-1, 1}^K targets, solved in closed form, for
+1/5/10/25 images per class and several seeds (mean and spread). Features are extracted in batches and only
+the collected (N, D) features enter the solve, so a ViT-B/16 evaluates on CPU within memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from einops import reduce
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+Representation = Literal["auto", "cls", "mean", "prelogits"]
+
+
+def representation_for(objective: str, requested: str) -> str:
+    """auto: the mean of the patch tokens for masked-patch checkpoints (their class token receives no training
+    signal: the loss is on patch tokens only), the model's pre-logits (timm's pooled features) otherwise."""
+    if requested != "auto":
+        return requested
+    return "mean" if objective == "masked_patch" else "prelogits"
+
+
+@torch.no_grad()
+def extract_features(backbone, dataset, representation: str, batch_size: int = 256, device="cpu", mean=0.5, std=0.5,
+                     limit: Optional[int] = None, desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(N, D) float32 features and (N,) labels, streamed in batches (eval mode, no augmentation)."""
+    backbone.eval()
+    feats, labels = [], []
+    loader = DataLoader(dataset, batch_size=batch_size)
+    seen = 0
+    for batch in tqdm(loader, desc=desc, leave=False, mininterval=2):
+        images = (batch["image"].to(device).float() / 255 - mean) / std
+        if representation == "prelogits":
+            f = backbone(images)
+        else:
+            tokens = backbone.forward_features(images)
+            prefix = backbone.num_prefix_tokens
+            f = tokens[:, 0] if representation == "cls" else reduce(tokens[:, prefix:], "b n d -> b d", "mean")
+        feats.append(f.float().cpu())
+        labels.append(batch["label"])
+        seen += len(images)
+        if limit is not None and seen >= limit:
+            break
+    return torch.cat(feats), torch.cat(labels)
+
+
+def ridge_fit(x: torch.Tensor, targets: torch.Tensor, l2_reg: float) -> torch.Tensor:
+    """Closed-form regularised least squares with a bias: argmin_W |[x 1] W - targets|^2 + l2_reg |W_x|^2.
+    Solved in the dual when there are fewer samples than features (few-shot), the primal otherwise."""
+    x = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)
+    reg = torch.eye(x.shape[1], dtype=torch.float64) * l2_reg
+    reg[-1, -1] = 0  # the bias is not regularised
+    return torch.linalg.solve(x.T @ x + reg, x.T @ targets.double())
+
+
+def ridge_predict(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1) @ w
+
+
+def fewshot_accuracy(train_x, train_y, val_x, val_y, shots: int, seed: int, num_classes: int, l2_reg: float = 1.0) -> float:
+    """Sample `shots` training images per class, fit {-1, 1}^K targets in closed form, score top-1 on val."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.cat([(train_y == c).nonzero().flatten()[torch.randperm(int((train_y == c).sum()), generator=g)[:shots]]
+                     for c in range(num_classes)])  # fmt: skip
+    # Standardise with the few-shot set's statistics only (nothing is fitted on validation data).
+    mu, sd = train_x[idx].mean(0), train_x[idx].std(0, unbiased=False).clamp(min=1e-6) if shots > 1 else 1.0
+    targets = F.one_hot(train_y[idx], num_classes).double() * 2 - 1
+    w = ridge_fit((train_x[idx] - mu) / sd, targets, l2_reg)
+    return (ridge_predict(w, (val_x - mu) / sd).argmax(1) == val_y).double().mean().item()
+
+
+def fewshot(train_x, train_y, val_x, val_y, num_classes, shots=(1, 5, 10, 25), seeds=(0, 1, 2), l2_reg=1.0) -> dict:
+    out = {}
+    for n in shots:
+        accs = torch.tensor([fewshot_accuracy(train_x, train_y, val_x, val_y, n, s, num_classes, l2_reg) for s in seeds])
+        out[f"fewshot_{n}shot"] = accs.mean().item()
+        out[f"fewshot_{n}shot_std"] = accs.std(unbiased=False).item()
+    return out
+
+
+def linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs: int = 200, weight_decay: float = 1e-4) -> float:
+    """Multinomial logistic regression on standardised frozen features (full-batch L-BFGS)."""
+    mu, sd = train_x.mean(0), train_x.std(0).clamp(min=1e-6)
+    xt, xv = (train_x - mu) / sd, (val_x - mu) / sd
+    head = torch.nn.Linear(xt.shape[1], num_classes)
+    opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=epochs, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(head(xt), train_y) + weight_decay * head.weight.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return (head(xv).argmax(1) == val_y).float().mean().item()
+
+
+def knn_accuracy(train_x, train_y, val_x, val_y, num_classes, k: int = 20) -> float:
+    """Cosine k-nearest-neighbour vote."""
+    tx, vx = F.normalize(train_x, dim=1), F.normalize(val_x, dim=1)
+    correct = 0
+    for chunk, labels in zip(vx.split(1024), val_y.split(1024)):
+        top = (chunk @ tx.T).topk(k, dim=1).indices
+        votes = F.one_hot(train_y[top], num_classes).sum(1)
+        correct += (votes.argmax(1) == labels).sum().item()
+    return correct / len(val_y)
+
+
+def evaluate_backbone(backbone, splits, representation: str, shots=(1, 5, 10, 25), seeds=(0, 1, 2), probe=True,
+                      max_train: Optional[int] = 10_000, device="cpu", batch_size: int = 256) -> dict:  # fmt: skip
+    """All frozen-feature metrics on splits.val, fitted on (at most max_train) un-augmented training images."""
+    cfg = getattr(backbone, "pretrained_cfg", {}) or {}
+    mean = torch.tensor(cfg.get("mean", (0.5,) * 3), device=device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.get("std", (0.5,) * 3), device=device).view(1, 3, 1, 1)
+    train = splits.train
+    augment, train.augment = train.augment, None
+    try:
+        if max_train is not None and len(train) > max_train:
+            train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:max_train].sort().values)
+            train.augment = None
+        tx, ty = extract_features(backbone, train, representation, batch_size, device, mean, std, desc="train features")
+    finally:
+        splits.train.augment = augment
+    vx, vy = extract_features(backbone, splits.val, representation, batch_size, device, mean, std, desc="val features")
+    k = splits.num_classes
+    result = {"representation": representation, "train_images": len(ty), "val_images": len(vy)}
+    result |= fewshot(tx, ty, vx, vy, k, shots, seeds)
+    if probe:
+        result["linear_probe"] = linear_probe(tx, ty, vx, vy, k)
+        result["knn20"] = knn_accuracy(tx, ty, vx, vy, k)
+    return result
+
+
+def format_table(result: dict) -> str:
+    rows = [("metric", "value")]
+    for key, value in result.items():
+        if key.endswith("_std"):
+            continue
+        if isinstance(value, float):
+            std = result.get(f"{key}_std")
+            value = f"{value:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+        rows.append((key, str(value)))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"| {a:<{width}} | {b} |" for a, b in rows]
+    lines.insert(1, f"|{'-' * (width + 2)}|{'-' * 12}|")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    from ssvit.config import TrainConfig
+    from ssvit.data import load_splits
+    from ssvit.models import create_backbone, load_backbone_weights, read_state_dict, run_config_of
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--init", required=True, help="ssvit checkpoint folder or model.safetensors")
+    p.add_argument("--data", default=None, help="as in pretraining (default: the checkpoint's own data)")
+    p.add_argument("--representation", default="auto", choices=["auto", "cls", "mean", "prelogits"])
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--max_train", type=int, default=10_000, help="training images for probe and k-NN")
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--output", default=None, help="JSON file (default: evaluation.json beside the checkpoint)")
+    args = p.parse_args(argv)
+
+    saved = run_config_of(args.init)
+    if saved is None:
+        raise FileNotFoundError(f"{args.init}: no config.yaml beside it; is it an ssvit checkpoint?")
+    keys = TrainConfig.__dataclass_fields__
+    cfg = TrainConfig(**{k: v for k, v in saved.items() if k in keys})
+    if args.data:
+        cfg.data = args.data
+    backbone = create_backbone(cfg.model, cfg.img_size, cfg.model_kwargs)
+    load_backbone_weights(backbone, read_state_dict(args.init), args.init)
+    splits = load_splits(cfg)
+    rep = representation_for(cfg.objective, args.representation)
+    result = {"checkpoint": str(args.init), "data": splits.description}
+    result |= evaluate_backbone(backbone, splits, rep, tuple(args.shots), tuple(range(args.seeds)), max_train=args.max_train,
+                                batch_size=args.batch_size)  # fmt: skip
+    init = Path(args.init)
+    out = Path(args.output) if args.output else (init if init.is_dir() else init.parent) / "evaluation.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(format_table(result) + "\n")
+    print(format_table(result))
+    print(f"\nWritten: {out} and {out.with_suffix('.md')}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Shared helpers: tiny configs that run the real code paths in seconds, on local data only."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR = ROOT.parent / "shared" / "data" / "cifar10" / "train.parquet"
+
+# A ViT small enough for 2 CPU cores: 16px images, 4px patches (16 tokens), 2 blocks of width 32.
+TINY_VIT = ["--model", "vit_tiny_patch16_224", "--img_size", "16",
+            "--model_kwargs", "{patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}"]  # fmt: skip
+
+
+def tiny_args(tmp_path: Path, *extra: str, objective: str = "masked_patch") -> list[str]:
+    return [
+        "--objective", objective, *TINY_VIT, "--data", "synthetic:600", "--batch_size", "16",
+        "--max_steps", "4", "--warmup_steps", "1", "--logging_steps", "1", "--eval_steps", "100",
+        "--save_steps", "100", "--mixed_precision", "no", "--report_to", "[]", "--eval_batches", "2",
+        "--output_dir", str(tmp_path / "run"), "--cpu_threads", "1", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Decoded-image caches go to a temporary folder, never the user's ~/.cache."""
+    import ssvit.data
+
+    cache = tmp_path_factory.getbasetemp() / "ssvit-cache"
+    monkeypatch.setattr(ssvit.data, "CACHE_DIR", cache)
+    monkeypatch.setenv("SSVIT_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+PYTHON = sys.executable

@@ -1,0 +1,66 @@
+"""Configuration contracts: presets + overrides, typed values, unknown keys named, runs reproducible."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ssvit.config import parse
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_the_quick_start():
+    run = parse([])
+    assert run.train.objective == "masked_patch" and run.train.data == "synthetic"
+    assert run.objective_options.mask_ratio == 0.5 and run.objective_options.target == "mean_color"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_preset_parses(path):
+    run = parse(["--config", str(path)])
+    assert run.train.objective in ("masked_patch", "supervised")
+
+
+def test_command_line_overrides_config_and_nested_objective_options():
+    run = parse(["--config", "configs/cifar10_mpp_cpu.yaml", "--max_steps", "7", "--masked_patch.mask_ratio", "0.15",
+                 "--masked_patch.target", "downsampled", "--lr", "3e-4"])  # fmt: skip
+    assert run.train.max_steps == 7 and run.train.lr == 3e-4
+    assert run.objective_options.mask_ratio == 0.15 and run.objective_options.target == "downsampled"
+
+
+def test_hf_and_hyphen_spellings_and_bare_resume():
+    run = parse(["--output-dir", "x", "--max-steps", "3", "--resume"])
+    assert run.train.output_dir == "x" and run.train.max_steps == 3 and run.train.resume == "latest"
+
+
+def test_unknown_key_in_config_names_valid_keys(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_step: 10\n")
+    with pytest.raises(SystemExit):
+        parse(["--config", str(bad)])
+    err = capsys.readouterr().err
+    assert "max_step" in err and "max_steps" in err
+
+
+def test_unknown_flag_and_wrong_type_are_errors(capsys):
+    with pytest.raises(SystemExit):
+        parse(["--learning_rate", "0.1"])
+    assert "learning_rate" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse(["--max_steps", "ten"])
+    assert "max_steps" in capsys.readouterr().err
+
+
+def test_unknown_objective_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="masked_patch.*supervised"):
+        parse(["--objective", "mae"])
+
+
+def test_dumped_config_reproduces_the_run(tmp_path):
+    run = parse(["--max_steps", "11", "--masked_patch.mask_ratio", "0.15", "--mixed_precision", "null"])
+    saved = tmp_path / "config.yaml"
+    saved.write_text(run.dump())
+    again = parse(["--config", str(saved)])
+    assert again.train == run.train and again.objective_options == run.objective_options
+    assert yaml.safe_load(saved.read_text())["masked_patch"]["mask_ratio"] == 0.15

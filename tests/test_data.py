@@ -1,0 +1,108 @@
+"""Data contracts: every loading path on local files, held-out validation, label subsets, clear errors."""
+
+import io
+from types import SimpleNamespace
+
+import datasets
+import pytest
+import torch
+from PIL import Image
+
+from ssvit.data import load_splits, synthetic_images
+
+from conftest import CIFAR
+
+
+def cfg(data, **kw):
+    base = dict(data=data, img_size=16, image_column=None, label_column=None, val_fraction=0.25, split_seed=0,
+                label_fraction=None, samples_per_class=None, crop_scale=(0.35, 1.0), hflip=True)  # fmt: skip
+    return SimpleNamespace(**{**base, **kw})
+
+
+def png(color, size=20) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def parquet_file(tmp_path):
+    """A small dataset in the Hugging Face hub layout (image bytes + ClassLabel), like ../shared CIFAR-10."""
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["red", "blue"])})
+    rows = {"img": [{"bytes": png((255, 0, 0) if i % 2 == 0 else (0, 0, 255)), "path": None} for i in range(40)],
+            "label": [i % 2 for i in range(40)]}  # fmt: skip
+    path = tmp_path / "train.parquet"
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
+    return path
+
+
+def test_synthetic_is_deterministic_and_balanced():
+    a, la = synthetic_images(200, 16, seed=3)
+    b, lb = synthetic_images(200, 16, seed=3)
+    assert torch.equal(a, b) and torch.equal(la, lb) and a.dtype == torch.uint8 and a.shape == (200, 3, 16, 16)
+    assert torch.bincount(la).tolist() == [20] * 10
+    assert not torch.equal(a, synthetic_images(200, 16, seed=4)[0])
+
+
+def test_parquet_columns_detected_and_validation_held_out(parquet_file):
+    splits = load_splits(cfg(f"parquet:{parquet_file}"))
+    assert len(splits.train) == 30 and len(splits.val) == 10 and splits.class_names == ["red", "blue"]
+    item = splits.val[0]
+    assert item["image"].shape == (3, 16, 16) and item["image"].dtype == torch.uint8  # resized 20 -> 16 once
+    red = item["image"][:, 8, 8].tolist() == [255, 0, 0]
+    assert red == (item["label"].item() == 0)
+    assert torch.bincount(splits.val.labels).tolist() == [5, 5]  # stratified
+    # The same split every time (seeded), disjoint from train.
+    again = load_splits(cfg(f"parquet:{parquet_file}"))
+    assert torch.equal(again.val.images, splits.val.images)
+
+
+def test_label_subsets_are_class_balanced_and_seeded(parquet_file):
+    per_class = load_splits(cfg(f"parquet:{parquet_file}", samples_per_class=3))
+    assert torch.bincount(per_class.train.labels).tolist() == [3, 3]
+    frac = load_splits(cfg(f"parquet:{parquet_file}", label_fraction=0.2))
+    assert torch.bincount(frac.train.labels).tolist() == [3, 3]  # 20% of 15 per class
+    assert len(frac.val) == 10  # validation is never subset
+
+
+def test_imagefolder(tmp_path):
+    for name, color in (("cat", (10, 200, 10)), ("dog", (200, 10, 10))):
+        (tmp_path / name).mkdir()
+        for i in range(4):
+            Image.new("RGB", (24, 24), color).save(tmp_path / name / f"{i}.png")
+    splits = load_splits(cfg(f"imagefolder:{tmp_path}"))
+    assert splits.num_classes == 2 and len(splits.train) + len(splits.val) == 8
+
+
+def test_missing_path_and_missing_column_are_clear_errors(parquet_file, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_splits(cfg(f"parquet:{tmp_path / 'nope.parquet'}"))
+    with pytest.raises(ValueError, match=r"No image column named 'image'.*\['img', 'label'\].*--image_column"):
+        load_splits(cfg(f"parquet:{parquet_file}", image_column="image"))
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for d in ("a", "b"):
+        for i in range(3):
+            Image.new("RGB", (8, 8)).save(tmp_path / d / f"{i}.png")
+    (tmp_path / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    with pytest.raises(ValueError, match="broken.png"):
+        load_splits(cfg(f"imagefolder:{tmp_path}", val_fraction=0.5))
+
+
+def test_augmentation_depends_on_epoch_and_index_only():
+    splits = load_splits(cfg("synthetic:100"))
+    ds = splits.train
+    first = ds[5]["image"]
+    torch.rand(10)  # other use of the global RNG does not change the data
+    assert torch.equal(ds[5]["image"], first)
+    ds.set_epoch(1)
+    assert not torch.equal(ds[5]["image"], first)
+
+
+@pytest.mark.skipif(not CIFAR.exists(), reason="../shared CIFAR-10 not present")
+def test_shared_cifar10_loads_with_a_held_out_split():
+    splits = load_splits(cfg(f"parquet:{CIFAR}", img_size=32, val_fraction=0.02))
+    assert len(splits.train) == 49_000 and len(splits.val) == 1_000 and splits.num_classes == 10

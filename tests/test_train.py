@@ -1,0 +1,120 @@
+"""The training loop end to end: outputs, supervised ViT and BiT, resume after SIGKILL, bad input."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ssvit.pretrain import main
+
+from conftest import PYTHON, ROOT, subprocess_env, tiny_args
+
+
+def losses(run_dir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def test_masked_patch_run_writes_everything_a_person_opens(tmp_path):
+    result = main(tiny_args(tmp_path, "--eval_steps", "4"))
+    run = tmp_path / "run"
+    assert result["steps"] == 4 and result["num_processes"] == 1
+    for name in ("config.yaml", "results.json", "metrics.jsonl", "checkpoints/step_000004/model.safetensors"):
+        assert (run / name).exists(), name
+    assert list((run / "figures").glob("masked_patch_step000004.png"))
+    saved = json.loads((run / "results.json").read_text())
+    for key in ("val/color_accuracy", "val/baseline_majority", "val/baseline_context_mean", "images_per_s", "data_wait_fraction"):
+        assert key in saved and math.isfinite(saved[key]), key
+    assert 0 <= saved["data_wait_fraction"] < 1
+    weights = load_file(run / "checkpoints/step_000004/model.safetensors")
+    assert "mask_token" in weights and "backbone.pos_embed" in weights
+    # The saved config repeats the run.
+    again = main(["--config", str(run / "config.yaml"), "--output_dir", str(tmp_path / "again")])
+    assert losses(tmp_path / "again") == losses(run)
+
+
+@pytest.mark.parametrize("target", ["downsampled", "pixels"])
+def test_targets_and_corruption_rate_from_configuration(tmp_path, target):
+    result = main(tiny_args(tmp_path, "--max_steps", "2", "--masked_patch.target", target, "--masked_patch.mask_ratio", "0.15"))
+    assert result["steps"] == 2 and math.isfinite(result["val/loss"])
+
+
+def test_supervised_vit_learns_on_synthetic_data(tmp_path):
+    result = main(tiny_args(tmp_path, "--max_steps", "60", "--lr", "3e-3", "--warmup_steps", "5",
+                            "--data", "synthetic:1200", "--batch_size", "32", objective="supervised"))  # fmt: skip
+    assert result["val/top1"] > 0.2  # 10 classes: chance is 0.1
+
+
+def test_supervised_bit_and_sigmoid_loss_and_ema(tmp_path):
+    result = main(tiny_args(tmp_path, "--model", "resnetv2_50x1_bit", "--model_kwargs", "{}", "--max_steps", "2",
+                            "--batch_size", "8", "--supervised.loss", "sigmoid", "--ema_decay", "0.9",
+                            "--eval_steps", "2", objective="supervised"))  # fmt: skip
+    assert result["steps"] == 2 and "val/ema_top1" in result
+    assert (tmp_path / "run/checkpoints/step_000002/ema.safetensors").exists()
+
+
+def test_masked_patch_on_bit_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no patch tokens|has none"):
+        main(tiny_args(tmp_path, "--model", "resnetv2_50x1_bit", "--model_kwargs", "{}"))
+
+
+def test_unknown_model_suggests_timm_names(tmp_path):
+    with pytest.raises(ValueError, match="vit_tiny_patch16_224"):
+        main(tiny_args(tmp_path, "--model", "vit_tiny_patch16_22"))
+
+
+def test_image_size_not_divisible_by_patch_size(tmp_path):
+    with pytest.raises(ValueError, match="not divisible by the patch size"):
+        main(tiny_args(tmp_path, "--img_size", "18"))
+
+
+def test_checkpoint_from_another_model_names_the_keys(tmp_path):
+    main(tiny_args(tmp_path, "--max_steps", "1"))
+    ckpt = tmp_path / "run/checkpoints/step_000001"
+    other = ["--model_kwargs", "{patch_size: 4, embed_dim: 48, depth: 2, num_heads: 2}"]
+    with pytest.raises(ValueError, match=r"shape mismatch .*pos_embed"):
+        main(tiny_args(tmp_path, "--init", str(ckpt), *other, "--output_dir", str(tmp_path / "b")))
+    with pytest.raises(ValueError, match="do not fit"):
+        main(tiny_args(tmp_path, "--resume", *other))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    args = tiny_args(tmp_path, "--objective", "supervised", "--optimizer", "sgd", "--lr", "1e12",
+                     "--max_grad_norm", "null", "--warmup_steps", "0", "--save_steps", "1", "--max_steps", "50")  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"non-finite \(NaN/inf\) at step (\d+).*step_(\d+)") as err:
+        main(args)
+    bad = int(err.value.args[0].split("at step ")[1].split(".")[0])
+    good = sorted((tmp_path / "run/checkpoints").glob("step_*"))[-1]
+    assert int(good.name[5:]) < bad
+    assert all(torch.isfinite(t).all() for t in load_file(good / "model.safetensors").values())
+
+
+def test_sigkill_mid_epoch_then_resume_gives_the_same_losses(tmp_path):
+    # 540 training images at batch 16: 33 steps an epoch; checkpoints every 5 steps are mid-epoch.
+    common = ["--max_steps", "120", "--save_steps", "5", "--save_total_limit", "3"]
+    main(tiny_args(tmp_path / "straight", *common))
+    reference = losses(tmp_path / "straight/run")
+
+    args = tiny_args(tmp_path / "killed", *common)
+    proc = subprocess.Popen([PYTHON, "-m", "ssvit.pretrain", *args], cwd=ROOT, env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    first = tmp_path / "killed/run/checkpoints/step_000010"
+    deadline = time.time() + 120
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = max(losses(tmp_path / "killed/run"))
+    assert killed_at < 120
+
+    result = main([*args, "--resume"])
+    resumed = losses(tmp_path / "killed/run")
+    assert result["steps"] == 120
+    after = [s for s in reference if s > 10]
+    assert [resumed[s] for s in after] == [reference[s] for s in after]  # exact in fp32 on CPU

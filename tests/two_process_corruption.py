@@ -1,0 +1,18 @@
+"""Launched by test_multiprocess.py on two processes: does each process draw its own corruption?"""
+
+import json
+import sys
+
+import torch
+from accelerate import Accelerator
+
+from objectives.masked_patch import corrupt
+from ssvit.train import seed_process
+
+accelerator = Accelerator(cpu=True)
+seed_process(0)  # what the training loop does before its first step
+_, selected, _ = corrupt(torch.zeros(8, 16, 4), torch.zeros(4), 0.5, 0.8, 0.1)
+everyone = accelerator.gather(selected[None].long())
+if accelerator.is_main_process:
+    out = {"num_processes": accelerator.num_processes, "same": bool(torch.equal(everyone[0], everyone[-1]))}
+    open(sys.argv[1], "w").write(json.dumps(out))
