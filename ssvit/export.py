@@ -1,0 +1,100 @@
+"""Export a backbone from an ssvit checkpoint as a folder that timm loads with nothing of ssvit installed.
+
+    python -m ssvit.export runs/cifar10_mpp_cpu/checkpoints/step_001500 --out exported/mpp_vit_ti4
+    python -c "import timm; m = timm.create_model('local-dir:exported/mpp_vit_ti4', pretrained=True)"
+
+The folder holds timm's config.json (architecture, model_args, pretrained_cfg) and model.safetensors, a bare
+state dict that also works as timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...)).
+The default is the backbone without a head (num_classes=0); --with-head keeps a fine-tuned linear classifier.
+When the run kept EMA weights, those are exported (--no-ema for the raw weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not ssvit/ (its modules would shadow)
+
+from ssvit.models import create_backbone, load_backbone_weights, read_state_dict, run_config_of  # noqa: E402
+
+
+def checkpoint_folder(path: str | Path) -> Path:
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    if not (folder / "model.safetensors").exists() or run_config_of(folder) is None:
+        raise ValueError(
+            f"{path} is not an ssvit checkpoint (expected a folder with model.safetensors and config.yaml, such as "
+            f"runs/<name>/checkpoints/step_001000)."
+        )
+    return folder
+
+
+def build_timm_model(checkpoint: str | Path, with_head: bool = False, use_ema: bool = True):
+    """The timm model held by an ssvit checkpoint, and the model_args that rebuild it."""
+    folder = checkpoint_folder(checkpoint)
+    cfg = run_config_of(folder)
+    weights = folder / ("ema.safetensors" if use_ema and (folder / "ema.safetensors").exists() else "model.safetensors")
+    state = read_state_dict(weights)
+    model_args = dict(cfg.get("model_kwargs") or {})
+    model = create_backbone(cfg["model"], cfg["img_size"], model_args)
+    if hasattr(model, "patch_embed"):
+        model_args["img_size"] = cfg["img_size"]
+    load_backbone_weights(model, state, str(weights))
+    if with_head:
+        if "head.weight" not in state or state["head.weight"].ndim != 2:
+            raise ValueError(
+                f"--with-head: {folder} has no linear classifier to export (objective {cfg['objective']!r}). Export the "
+                f"backbone (without --with-head), or export a checkpoint of ssvit/finetune.py."
+            )
+        model.reset_classifier(state["head.weight"].shape[0])
+        classifier = model.get_classifier()
+        classifier.weight.data.copy_(state["head.weight"].view_as(classifier.weight))  # ResNetV2's head is a 1x1 conv
+        classifier.bias.data.copy_(state["head.bias"])
+    return model.eval(), model_args
+
+
+def export(checkpoint, out, with_head=False, use_ema=True, overwrite=False, push_to_hub=None, onnx=False) -> Path:
+    import timm.models
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --overwrite.")
+        shutil.rmtree(out)
+    model, model_args = build_timm_model(checkpoint, with_head, use_ema)
+    timm.models.save_for_hf(model, str(out), model_args=model_args, safe_serialization=True)
+    if onnx:
+        size = model_args.get("img_size", 224)
+        torch.onnx.export(model, torch.rand(1, 3, size, size), str(out / "model.onnx"), input_names=["pixel_values"],
+                          output_names=["features" if not with_head else "logits"], dynamic_axes={"pixel_values": {0: "batch"}})  # fmt: skip
+    if push_to_hub:
+        timm.models.push_to_hf_hub(model, push_to_hub, model_args=model_args)
+    return out
+
+
+def main(argv=None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint", help="an ssvit checkpoint folder (runs/<name>/checkpoints/step_NNNNNN)")
+    p.add_argument("--out", required=True, help="folder to write (timm local-dir layout)")
+    p.add_argument("--with-head", "--with_head", action="store_true", help="keep the fine-tuned linear classifier")
+    p.add_argument("--no-ema", "--no_ema", action="store_true", help="export the raw weights even if EMA weights exist")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--push-to-hub", "--push_to_hub", metavar="REPO_ID", help="also upload through huggingface_hub")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx (needs the onnx package)")
+    args = p.parse_args(argv)
+    try:
+        out = export(args.checkpoint, args.out, args.with_head, not args.no_ema, args.overwrite, args.push_to_hub, args.onnx)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        raise SystemExit(f"ssvit.export: {e}") from None
+    print(f"Exported to {out}. Load it with: timm.create_model('local-dir:{out}', pretrained=True)")
+    return out
+
+
+if __name__ == "__main__":
+    main()
