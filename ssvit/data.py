@@ -293,16 +293,18 @@ class HFImages(ImageDataset):
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """A seeded permutation per epoch (set_epoch), so the order of every epoch is known on resume."""
+    """A seeded permutation per epoch (the dataset's epoch), so the order of every epoch is known on resume.
+    Yields num_samples indices (a whole number of global batches, so processes and accumulation split evenly)."""
 
-    def __init__(self, dataset: ImageDataset, seed: int, shuffle: bool = True):
+    def __init__(self, dataset: ImageDataset, seed: int, num_samples: Optional[int] = None, shuffle: bool = True):
         self.dataset, self.seed, self.shuffle = dataset, seed, shuffle
+        self.num_samples = len(dataset) if num_samples is None else num_samples
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return self.num_samples
 
     def __iter__(self):
         if not self.shuffle:
-            return iter(range(len(self.dataset)))
+            return iter(range(self.num_samples))
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.dataset.epoch)
-        return iter(torch.randperm(len(self.dataset), generator=g).tolist())
+        return iter(torch.randperm(len(self.dataset), generator=g)[: self.num_samples].tolist())

@@ -156,9 +156,8 @@ def format_table(result: dict) -> str:
             std = result.get(f"{key}_std")
             value = f"{value:.4f}" + (f" ± {std:.4f}" if std is not None else "")
         rows.append((key, str(value)))
-    width = max(len(r[0]) for r in rows)
-    lines = [f"| {a:<{width}} | {b} |" for a, b in rows]
-    lines.insert(1, f"|{'-' * (width + 2)}|{'-' * 12}|")
+    lines = [f"| {a} | {b} |" for a, b in rows]
+    lines.insert(1, "|---|---|")
     return "\n".join(lines)
 
 
@@ -176,6 +175,8 @@ def main(argv=None) -> dict:
     p.add_argument("--max_train", type=int, default=10_000, help="training images for probe and k-NN")
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--output", default=None, help="JSON file (default: evaluation.json beside the checkpoint)")
+    p.add_argument("--random_init", action="store_true",
+                   help="evaluate the checkpoint's architecture at random initialisation: the no-pretraining reference")  # fmt: skip
     args = p.parse_args(argv)
 
     saved = run_config_of(args.init)
@@ -185,15 +186,18 @@ def main(argv=None) -> dict:
     cfg = TrainConfig(**{k: v for k, v in saved.items() if k in keys})
     if args.data:
         cfg.data = args.data
+    torch.manual_seed(0)  # a reproducible random initialisation for --random_init
     backbone = create_backbone(cfg.model, cfg.img_size, cfg.model_kwargs)
-    load_backbone_weights(backbone, read_state_dict(args.init), args.init)
+    if not args.random_init:
+        load_backbone_weights(backbone, read_state_dict(args.init), args.init)
     splits = load_splits(cfg)
     rep = representation_for(cfg.objective, args.representation)
-    result = {"checkpoint": str(args.init), "data": splits.description}
+    result = {"checkpoint": "random initialisation" if args.random_init else str(args.init), "data": splits.description}
     result |= evaluate_backbone(backbone, splits, rep, tuple(args.shots), tuple(range(args.seeds)), max_train=args.max_train,
                                 batch_size=args.batch_size)  # fmt: skip
     init = Path(args.init)
-    out = Path(args.output) if args.output else (init if init.is_dir() else init.parent) / "evaluation.json"
+    name = "evaluation_random_init.json" if args.random_init else "evaluation.json"
+    out = Path(args.output) if args.output else (init if init.is_dir() else init.parent) / name
     out.write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text(format_table(result) + "\n")
     print(format_table(result))

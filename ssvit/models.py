@@ -88,7 +88,9 @@ def check_compatible(own: dict, state: dict, source: str, target: str, ignore_un
     for what, keys in (("missing keys", missing), ("unexpected keys", unexpected)):
         if keys:
             lines.append(f"  {what} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
-    lines += [f"  shape mismatch {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched[:8]]
+    if mismatched:
+        lines.append(f"  shape mismatches ({len(mismatched)}):")
+        lines += [f"    {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched[:8]]
     lines.append("Use the --model, --model_kwargs and --objective the checkpoint was trained with (see its config.yaml).")
     raise ValueError("\n".join(lines))
 

@@ -29,10 +29,15 @@ def main(argv=None) -> dict:
 
 def print_summary(result: dict, output_dir: str) -> None:
     metrics = {k.removeprefix("val/"): v for k, v in result.items() if k.startswith("val/")}
-    print("\nDone.", ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    print(f"Checkpoint: {result['checkpoint']}")
-    print(f"Results:    {output_dir}/results.json, metrics in {output_dir}/metrics.jsonl, figures in {output_dir}/figures")
-    print("Next: resume with --resume; change any setting with --key value (see --help).")
+    print("\nValidation:", ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    ckpt = result["checkpoint"]
+    print(f"Checkpoint: {ckpt}")
+    print(f"Results:    {output_dir}/results.json, metrics.jsonl, figures/")
+    print("Next:")
+    print(f"  fine-tune: accelerate launch ssvit/finetune.py --init {ckpt}")
+    print(f"  evaluate:  python -m ssvit.evaluate --init {ckpt}")
+    print(f"  export:    python -m ssvit.export {ckpt} --out {output_dir}/exported")
+    print(f"  inspect:   python -m ssvit.inspect {ckpt} --out {output_dir}/inspect")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -179,7 +178,8 @@ def fewshot_during_training(accelerator, model, splits, cfg: TrainConfig) -> dic
     result = {}
     if accelerator.is_main_process:
         was_training = model.training
-        with accelerator.autocast():
+        devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), accelerator.autocast():
             rep = representation_for(cfg.objective, cfg.fewshot_representation)
             out = evaluate_backbone(model.backbone, splits, rep, probe=False, max_train=2000, device=accelerator.device,
                                     batch_size=max(cfg.batch_size, 64))  # fmt: skip
@@ -193,6 +193,9 @@ def train(run: RunConfig) -> dict:
     cfg = run.train
     output_dir = Path(cfg.output_dir)
     accelerator = Accelerator(
+        # Several processes on a machine without GPUs: accelerate needs cpu=True to form a gloo group, else
+        # each process silently trains alone.
+        cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=[*cfg.report_to, JSONLTracker(output_dir / "metrics.jsonl")],
@@ -226,15 +229,15 @@ def train(run: RunConfig) -> dict:
     steps_per_epoch = len(train_ds) // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"--batch_size {cfg.batch_size} is larger than the training set ({len(train_ds)} images).")
-    sampler = EpochSampler(train_ds, cfg.seed)
-    sampler.num_samples = steps_per_epoch * cfg.batch_size
     loader = DataLoader(
         train_ds,
         batch_size=micro_batch,
-        sampler=sampler,
+        sampler=EpochSampler(train_ds, cfg.seed, num_samples=steps_per_epoch * cfg.batch_size),
         drop_last=True,
         num_workers=cfg.dataloader_num_workers,
-        persistent_workers=False,
+        # Its own generator: creating an iterator draws a seed, which must not come from the global RNG
+        # (a resumed run creates its iterator at another point of the global RNG stream).
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if cfg.compile:
@@ -249,6 +252,7 @@ def train(run: RunConfig) -> dict:
         step = json.loads((resume_from / "trainer_state.json").read_text())["step"]
         if ema is not None:
             ema.module.load_state_dict(load_file(resume_from / "ema.safetensors"))
+        scheduler.step_update(step)
         accelerator.print(f"Resumed from {resume_from} at step {step}.")
     else:
         seed_process(cfg.seed)
@@ -335,9 +339,9 @@ def train(run: RunConfig) -> dict:
             if step >= cfg.max_steps:
                 break
     bar.close()
-    accelerator.end_training()
-
     checksum = torch.stack([p.detach().double().sum() for p in unwrapped.parameters()]).sum().reshape(1)
+    checksums = accelerator.gather(checksum.to(accelerator.device)).tolist()
+    accelerator.end_training()  # also ends the process group
     result = {
         "objective": cfg.objective,
         "model": cfg.model,
@@ -348,7 +352,7 @@ def train(run: RunConfig) -> dict:
         "images_per_s": (step - start_step) * cfg.batch_size / total_time if total_time else None,
         "data_wait_fraction": total_wait / total_time if total_time else None,
         # One checksum of the weights per process: equal when the processes agree.
-        "param_checksums": accelerator.gather(checksum.to(accelerator.device)).tolist(),
+        "param_checksums": checksums,
         **eval_result,
     }
     if accelerator.is_main_process:

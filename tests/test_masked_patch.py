@@ -112,7 +112,7 @@ def test_a_tiny_model_overfits_one_fixed_batch():
     model = tiny_objective()
     images = torch.rand(8, 3, 16, 16)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0)
-    for step in range(300):
+    for _step in range(300):
         torch.manual_seed(0)  # the same corruption every step: a fixed batch
         out = model(images, torch.zeros(8, dtype=torch.long))
         opt.zero_grad()

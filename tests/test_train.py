@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import signal
 import subprocess
 import time
@@ -35,7 +34,7 @@ def test_masked_patch_run_writes_everything_a_person_opens(tmp_path):
     weights = load_file(run / "checkpoints/step_000004/model.safetensors")
     assert "mask_token" in weights and "backbone.pos_embed" in weights
     # The saved config repeats the run.
-    again = main(["--config", str(run / "config.yaml"), "--output_dir", str(tmp_path / "again")])
+    main(["--config", str(run / "config.yaml"), "--output_dir", str(tmp_path / "again")])
     assert losses(tmp_path / "again") == losses(run)
 
 
@@ -46,9 +45,10 @@ def test_targets_and_corruption_rate_from_configuration(tmp_path, target):
 
 
 def test_supervised_vit_learns_on_synthetic_data(tmp_path):
-    result = main(tiny_args(tmp_path, "--max_steps", "60", "--lr", "3e-3", "--warmup_steps", "5",
-                            "--data", "synthetic:1200", "--batch_size", "32", objective="supervised"))  # fmt: skip
-    assert result["val/top1"] > 0.2  # 10 classes: chance is 0.1
+    result = main(tiny_args(tmp_path, "--max_steps", "300", "--warmup_steps", "10", "--crop_scale", "[0.8, 1.0]",
+                            "--data", "synthetic:2000", "--batch_size", "32", "--fewshot_steps", "0",
+                            "--eval_steps", "300", "--eval_batches", "null", objective="supervised"))  # fmt: skip
+    assert result["val/top1"] > 0.2  # 10 classes: chance is 0.1 (this run reached 0.355 when written)
 
 
 def test_supervised_bit_and_sigmoid_loss_and_ema(tmp_path):
@@ -78,7 +78,7 @@ def test_checkpoint_from_another_model_names_the_keys(tmp_path):
     main(tiny_args(tmp_path, "--max_steps", "1"))
     ckpt = tmp_path / "run/checkpoints/step_000001"
     other = ["--model_kwargs", "{patch_size: 4, embed_dim: 48, depth: 2, num_heads: 2}"]
-    with pytest.raises(ValueError, match=r"shape mismatch .*pos_embed"):
+    with pytest.raises(ValueError, match=r"(?s)shape mismatches \(30\):.*qkv.weight: checkpoint \(96, 32\) vs model \(144, 48\)"):
         main(tiny_args(tmp_path, "--init", str(ckpt), *other, "--output_dir", str(tmp_path / "b")))
     with pytest.raises(ValueError, match="do not fit"):
         main(tiny_args(tmp_path, "--resume", *other))

@@ -1,0 +1,253 @@
+"""Benchmark one training step against the hardware's limit and against peers, side by side (not a test).
+
+    python -m ssvit.bench                                   # ViT-Ti/4 on 32px, masked_patch, fp32 and bf16, CPU
+    python -m ssvit.bench --precision bf16 --batch_size 256 --out bench.json
+    python -m ssvit.bench --model vit_base_patch16_224 --model_kwargs '{}' --img_size 224 --device cuda --precision bf16
+
+For each precision it reports training images/s (median of timed windows after warm-up), model FLOPs per
+image counted with torch.utils.flop_counter.FlopCounterMode on one training step, achieved FLOP/s and model
+FLOPs utilisation (MFU) against the peak: on a GPU the datasheet dense bf16 peak, on a CPU the matrix-multiply
+FLOP/s measured in the same run at the same precision. Also: peak memory, the input pipeline's images/s on
+its own, the step split into data wait, forward, backward and optimizer, and peers with the same encoder,
+batch and precision: a plain timm supervised step, and Hugging Face transformers' ViTForMaskedImageModeling
+step (when transformers is installed: `pip install -e .[bench]`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from objectives import get as get_objective
+from ssvit.data import TensorImages, augmentation, synthetic_images
+from ssvit.models import create_backbone
+
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 datasheet FLOP/s (SXM)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def autocast(device, precision):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+def matmul_peak(device, precision, n=2048, reps=10) -> float:
+    """Best FLOP/s of an n x n matrix multiply at this precision on this device."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def time_steps(step, device, warmup=3, windows=5, steps_per_window=5) -> tuple[float, dict]:
+    """Median seconds per step over timed windows, and the median phase split of the last window's steps."""
+    for _ in range(warmup):
+        step()
+    per_step, phases = [], []
+    for _ in range(windows):
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(steps_per_window):
+            phases.append(step())
+        sync(device)
+        per_step.append((time.perf_counter() - t) / steps_per_window)
+    split = {k: statistics.median(p[k] for p in phases) for k in phases[0]}
+    return statistics.median(per_step), split
+
+
+def make_step(loss_fn, params, images, labels, device, precision):
+    """One training step with AdamW; returns the time of its forward, backward and optimizer phases."""
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        sync(device)
+        t0 = time.perf_counter()
+        with autocast(device, precision):
+            loss = loss_fn(images, labels)
+        sync(device)
+        t1 = time.perf_counter()
+        loss.backward()
+        sync(device)
+        t2 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        return {"forward_s": t1 - t0, "backward_s": t2 - t1, "optimizer_s": time.perf_counter() - t2}
+
+    return step
+
+
+def count_flops(loss_fn, images, labels, device, precision) -> float:
+    with FlopCounterMode(display=False) as counter:
+        with autocast(device, precision):
+            loss = loss_fn(images, labels)
+        loss.backward()
+    return counter.get_total_flops()
+
+
+def input_pipeline_rate(img_size, batch_size, seconds=3.0) -> float:
+    """Images/s of the training input pipeline alone (uint8 cache + random resized crop + flip, 1 process)."""
+    images, labels = synthetic_images(2048, img_size)
+    ds = TensorImages(images, labels, img_size)
+    ds.augment = augmentation(img_size)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=True)
+    n, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        for batch in loader:
+            batch["image"].float().div_(255)
+            n += len(batch["image"])
+            if time.perf_counter() - t >= seconds:
+                break
+    return n / (time.perf_counter() - t)
+
+
+def peers(args, device):
+    """Loss functions of the peers, with the same encoder size, batch and precision."""
+    out = {}
+    timm_model = create_backbone(args.model, args.img_size, args.model_kwargs).to(device)
+    timm_model.reset_classifier(10)
+    out["timm_supervised"] = (lambda x, y: F.cross_entropy(timm_model(x).float(), y), list(timm_model.parameters()))
+    try:
+        from transformers import ViTConfig, ViTForMaskedImageModeling
+    except ImportError:
+        return out
+    b = timm_model
+    cfg = ViTConfig(hidden_size=b.embed_dim, num_hidden_layers=len(b.blocks), num_attention_heads=b.blocks[0].attn.num_heads,
+                    intermediate_size=b.blocks[0].mlp.fc1.out_features, image_size=args.img_size,
+                    patch_size=args.img_size // b.patch_embed.grid_size[0], encoder_stride=args.img_size // b.patch_embed.grid_size[0])  # fmt: skip
+    hf = ViTForMaskedImageModeling(cfg).to(device)
+    n = b.patch_embed.num_patches
+
+    def hf_loss(x, y):
+        mask = torch.rand(len(x), n, device=device).argsort(1) < n // 2
+        return hf(pixel_values=x, bool_masked_pos=mask).loss
+
+    out["transformers_mim"] = (hf_loss, list(hf.parameters()))
+    return out
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    images = torch.rand(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    labels = torch.randint(0, 10, (args.batch_size,), device=device)
+    objective_cls = get_objective(args.objective)
+    model = objective_cls(create_backbone(args.model, args.img_size, args.model_kwargs), 10, objective_cls.Options()).to(device)
+    candidates = {f"ssvit_{args.objective}": (lambda x, y: model(x, y).loss, list(model.parameters())), **peers(args, device)}
+    report = {
+        "machine": platform.processor() or platform.machine(),
+        "cpu": _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "model": args.model,
+        "model_kwargs": args.model_kwargs,
+        "img_size": args.img_size,
+        "batch_size": args.batch_size,
+        "date": time.strftime("%Y-%m-%d"),
+        "input_pipeline_images_per_s": input_pipeline_rate(args.img_size, args.batch_size),
+        "results": {},
+    }
+    for precision in args.precision:
+        if device.type == "cuda":
+            name = torch.cuda.get_device_name()
+            peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
+            peak_source = "datasheet dense bf16"
+        else:
+            peak, peak_source = matmul_peak(device, precision), f"measured {precision} matmul"
+        rows = {}
+        for name, (loss_fn, params) in candidates.items():
+            flops = count_flops(loss_fn, images, labels, device, precision) / args.batch_size
+            for p in params:
+                p.grad = None
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            seconds, split = time_steps(make_step(loss_fn, params, images, labels, device, precision), device, windows=args.windows)
+            ips = args.batch_size / seconds
+            rows[name] = {
+                "images_per_s": ips,
+                "flops_per_image": flops,
+                "achieved_flops": flops * ips,
+                "mfu": flops * ips / peak if peak else None,
+                "step_split_s": {"data_wait_s": 0.0, **split},
+                "peak_memory_mb": (torch.cuda.max_memory_allocated() if device.type == "cuda" else
+                                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,  # fmt: skip
+            }
+        ours = rows[f"ssvit_{args.objective}"]
+        ratios = {
+            "mfu": ours["mfu"],
+            "time_vs_timm_supervised": rows["timm_supervised"]["images_per_s"] / ours["images_per_s"],
+            "input_pipeline_vs_step": report["input_pipeline_images_per_s"] / ours["images_per_s"],
+        }
+        if "transformers_mim" in rows:
+            ratios["speedup_vs_transformers_mim"] = ours["images_per_s"] / rows["transformers_mim"]["images_per_s"]
+        report["results"][precision] = {"peak_flops": peak, "peak_source": peak_source, "steps": rows, "ratios": ratios}
+    return report
+
+
+def _cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{report['device']} ({report['cpu']}, {report['threads']} threads), {report['model']} {report['model_kwargs']} "
+             f"at {report['img_size']}px, batch {report['batch_size']}, {report['date']}",  # fmt: skip
+             f"input pipeline: {report['input_pipeline_images_per_s']:.0f} images/s", ""]
+    lines.append("| precision | step | images/s | GFLOP/image | achieved TFLOP/s | MFU | fwd / bwd / opt ms |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for precision, r in report["results"].items():
+        for name, row in r["steps"].items():
+            split = row["step_split_s"]
+            mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "n/a"
+            lines.append(f"| {precision} | {name} | {row['images_per_s']:.1f} | {row['flops_per_image'] / 1e9:.3f} | "
+                         f"{row['achieved_flops'] / 1e12:.3f} | {mfu} | {split['forward_s'] * 1e3:.0f} / "
+                         f"{split['backward_s'] * 1e3:.0f} / {split['optimizer_s'] * 1e3:.0f} |")  # fmt: skip
+        ratio = ", ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items() if v is not None)
+        lines.append(f"| {precision} | peak {r['peak_flops'] / 1e12:.3f} TFLOP/s ({r['peak_source']}) | {ratio} | | | | |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    import yaml
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="vit_tiny_patch16_224")
+    p.add_argument("--model_kwargs", type=yaml.safe_load, default={"patch_size": 4})
+    p.add_argument("--img_size", type=int, default=32)
+    p.add_argument("--objective", default="masked_patch")
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--windows", type=int, default=5)
+    p.add_argument("--out", default="bench.json")
+    args = p.parse_args(argv)
+    report = run(args)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(format_report(report))
+    print(f"\nWritten: {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""The benchmark reports (it asserts nothing about speed): every figure the README table needs is there."""
+
+import json
+
+from ssvit.bench import main
+
+
+def test_bench_reports_throughput_flops_mfu_and_peers(tmp_path):
+    out = tmp_path / "bench.json"
+    report = main(["--model_kwargs", "{patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}", "--img_size", "16",
+                   "--batch_size", "8", "--windows", "1", "--precision", "fp32", "--out", str(out)])  # fmt: skip
+    assert json.loads(out.read_text()) == report
+    fp32 = report["results"]["fp32"]
+    assert fp32["peak_flops"] > 0 and fp32["peak_source"] == "measured fp32 matmul"
+    ours = fp32["steps"]["ssvit_masked_patch"]
+    assert ours["images_per_s"] > 0 and ours["flops_per_image"] > 0 and 0 < ours["mfu"]
+    assert set(ours["step_split_s"]) == {"data_wait_s", "forward_s", "backward_s", "optimizer_s"}
+    assert "timm_supervised" in fp32["steps"]
+    assert {"mfu", "time_vs_timm_supervised", "input_pipeline_vs_step"} <= set(fp32["ratios"])
