@@ -32,6 +32,8 @@ class Objective(nn.Module):
     """Wraps a timm backbone. ``forward(images, labels)`` takes images in [0, 1] and returns a StepOutput."""
 
     name: str = ""
+    best_metric: Optional[str] = None
+    """Validation metric (higher is better) that selects the best checkpoint, e.g. "top1"."""
 
     @dataclass
     class Options:

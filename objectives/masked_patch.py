@@ -97,6 +97,8 @@ def corrupt(
 
 @register("masked_patch")
 class MaskedPatch(Objective):
+    best_metric = "color_accuracy"
+
     @dataclass
     class Options:
         mask_ratio: float = 0.5

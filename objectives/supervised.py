@@ -18,6 +18,8 @@ from objectives.base import Objective, StepOutput, mlp_tanh_head
 
 @register("supervised")
 class Supervised(Objective):
+    best_metric = "top1"
+
     @dataclass
     class Options:
         loss: Literal["softmax", "sigmoid"] = "softmax"

@@ -62,7 +62,7 @@ class TrainConfig:
     batch_size: int = 128
     """Global batch size: split over processes and gradient accumulation steps."""
     gradient_accumulation_steps: int = 1
-    lr: float = 1e-3
+    lr: float = 2e-3
     """Peak learning rate (at lr_base_batch_size when that is set)."""
     lr_base_batch_size: Optional[int] = None
     """When set, lr is scaled linearly: lr * batch_size / lr_base_batch_size."""
@@ -73,6 +73,8 @@ class TrainConfig:
     adam_beta2: float = 0.999
     momentum: float = 0.9
     """SGD momentum (paper fine-tuning: 0.9)."""
+    layer_decay: Optional[float] = None
+    """Layer-wise lr decay for fine-tuning (timm's, e.g. 0.75: each block down gets 0.75x the lr)."""
     lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = 20
     max_grad_norm: Optional[float] = 1.0

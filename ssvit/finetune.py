@@ -52,7 +52,9 @@ def defaults_from_init(argv: list[str]) -> dict:
     if saved is None:
         raise FileNotFoundError(f"--init {init}: no config.yaml or config.json beside it; give --model explicitly.")
     if "architecture" in saved:  # a timm folder (python -m ssvit.export)
-        return {"model": saved["architecture"], "model_kwargs": saved.get("model_args", {})}
+        model_args = dict(saved.get("model_args", {}))
+        size = model_args.pop("img_size", None) or saved.get("pretrained_cfg", {}).get("input_size", [0, 0, None])[-1]
+        return {"model": saved["architecture"], "model_kwargs": model_args, **({"img_size": size} if size else {})}
     return {k: saved[k] for k in ("model", "model_kwargs", "img_size", "data") if k in saved}
 
 

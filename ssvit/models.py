@@ -21,6 +21,7 @@ def create_backbone(name: str, img_size: int, model_kwargs: Optional[dict] = Non
         hint = f" Did you mean: {', '.join(close)}?" if close else " See timm.list_models('vit_*')."
         raise ValueError(f"Unknown timm model {name!r}.{hint}")
     kwargs = dict(model_kwargs or {}, num_classes=0)
+    kwargs.pop("img_size", None)  # the run's img_size decides
     try:
         model = timm.create_model(name, img_size=img_size, **kwargs)
     except TypeError as e:

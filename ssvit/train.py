@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -79,6 +80,25 @@ def resolve_resume(cfg: TrainConfig) -> Optional[Path]:
     return path
 
 
+def save_best(accelerator: Accelerator, model, output_dir: Path, step: int, metrics: dict, run: RunConfig, best: dict) -> dict:
+    """Keep the weights with the best validation `best_metric` in output_dir/best (safetensors + config.yaml)."""
+    name = type(model).best_metric
+    value = metrics.get(f"val/{name}")
+    if name is None or value is None or value <= best.get("value", -math.inf):
+        return best
+    best = {"step": step, "metric": name, "value": value}
+    if accelerator.is_main_process:
+        tmp, final = output_dir / "best.tmp", output_dir / "best"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        (tmp / "config.yaml").write_text(run.dump())
+        (tmp / "best.json").write_text(json.dumps(best) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    return best
+
+
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, ema, run: RunConfig, keep: int) -> Path:
     final = output_dir / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -132,13 +152,21 @@ def make_scheduler(optimizer, cfg: TrainConfig):
     return PolyLRScheduler(optimizer, power=1.0 if cfg.lr_scheduler_type == "linear" else 0.0, **kw)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
-    # No weight decay on biases, norms, position embeddings, class and mask tokens (1-D or token params).
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name.endswith(("pos_embed", "cls_token", "mask_token")) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def make_optimizer(model: objectives.Objective, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    """timm's parameter groups for the backbone (no weight decay on biases, norms, position embeddings and
+    tokens; optional layer-wise lr decay), plus the objective's own parameters (head, [mask] token)."""
+    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+
+    backbone = model.backbone
+    skip = backbone.no_weight_decay() if hasattr(backbone, "no_weight_decay") else set()
+    if cfg.layer_decay:
+        groups = param_groups_layer_decay(backbone, cfg.weight_decay, skip, layer_decay=cfg.layer_decay)
+    else:
+        groups = param_groups_weight_decay(backbone, cfg.weight_decay, no_weight_decay_list=skip)
+    own = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
+    groups += [{"params": [p for p in own if p.ndim > 1], "weight_decay": cfg.weight_decay},
+               {"params": [p for p in own if p.ndim <= 1], "weight_decay": 0.0}]  # fmt: skip
+    groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
     return torch.optim.AdamW(groups, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
@@ -280,6 +308,7 @@ def train(run: RunConfig) -> dict:
 
     sums, count, data_wait, window_start = {}, 0, 0.0, time.perf_counter()
     total_wait, total_time, eval_result = 0.0, 0.0, {}
+    best = json.loads((output_dir / "best/best.json").read_text()) if resume_from and (output_dir / "best/best.json").exists() else {}
     bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.objective, disable=not accelerator.is_local_main_process)
     model.train()
     while step < cfg.max_steps:
@@ -330,6 +359,7 @@ def train(run: RunConfig) -> dict:
                 if cfg.fewshot_steps != 0 and (step == cfg.max_steps or (cfg.fewshot_steps and step % cfg.fewshot_steps == 0)):
                     eval_result |= fewshot_during_training(accelerator, unwrapped, splits, cfg)
                 accelerator.log(eval_result, step=step)
+                best = save_best(accelerator, unwrapped, output_dir, step, eval_result, run, best)
                 bar.write(f"step {step}: " + ", ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in eval_result.items()))
                 window_start = time.perf_counter()  # evaluation time is not training throughput
             if step % cfg.save_steps == 0 or step == cfg.max_steps:
@@ -349,6 +379,7 @@ def train(run: RunConfig) -> dict:
         "steps": step,
         "num_processes": world,
         "checkpoint": str(last_checkpoint) if last_checkpoint else None,
+        "best": {**best, "path": str(output_dir / "best")} if best else None,
         "images_per_s": (step - start_step) * cfg.batch_size / total_time if total_time else None,
         "data_wait_fraction": total_wait / total_time if total_time else None,
         # One checksum of the weights per process: equal when the processes agree.

@@ -12,6 +12,8 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 
 def test_defaults_are_the_quick_start():
     run = parse([])
+    written_out = parse(["--config", "configs/quickstart.yaml"])
+    assert written_out.train == run.train and written_out.objective_options == run.objective_options
     assert run.train.objective == "masked_patch" and run.train.data == "synthetic"
     assert run.objective_options.mask_ratio == 0.5 and run.objective_options.target == "mean_color"
 

@@ -55,7 +55,7 @@ def checkpoints(tmp_path_factory):
     out = {}
     for objective in ("masked_patch", "supervised"):
         tmp = tmp_path_factory.mktemp(objective)
-        pretrain_main(tiny_args(tmp, "--max_steps", "2", "--fewshot_steps", "0", objective=objective))
+        pretrain_main(tiny_args(tmp, "--max_steps", "2", "--fewshot_steps", "0", "--img_size", "32", objective=objective))
         out[objective] = tmp / "run/checkpoints/step_000002"
     return out
 
@@ -86,7 +86,7 @@ def test_fine_tuning_starts_from_a_zero_head_with_the_pretrained_backbone(checkp
 
 
 def test_fine_tuning_at_twice_the_resolution(checkpoints, tmp_path):
-    result = finetune_main(["--init", str(checkpoints["masked_patch"]), "--img_size", "32", "--data", "synthetic:600",
+    result = finetune_main(["--init", str(checkpoints["masked_patch"]), "--img_size", "64", "--data", "synthetic:600",
                             "--max_steps", "2", "--batch_size", "16", "--mixed_precision", "no", "--report_to", "[]",
                             "--cpu_threads", "1", "--fewshot_steps", "0", "--output_dir", str(tmp_path / "ft")])  # fmt: skip
     assert result["steps"] == 2
@@ -100,3 +100,13 @@ def test_evaluate_command_writes_json_and_table(checkpoints, tmp_path):
     for key in ("fewshot_1shot", "fewshot_5shot", "fewshot_5shot_std", "linear_probe", "knn20"):
         assert 0 <= result[key] <= 1, key
     assert json.loads(out.read_text()) == result and "fewshot_5shot" in out.with_suffix(".md").read_text()
+
+
+def test_fine_tuning_from_an_exported_backbone_with_layer_decay(checkpoints, tmp_path):
+    from ssvit.export import main as export_main
+
+    exported = export_main([str(checkpoints["masked_patch"]), "--out", str(tmp_path / "exported")])
+    result = finetune_main(["--init", str(exported), "--img_size", "32", "--data", "synthetic:600", "--max_steps", "2",
+                            "--batch_size", "16", "--mixed_precision", "no", "--report_to", "[]", "--cpu_threads", "1",
+                            "--layer_decay", "0.75", "--fewshot_steps", "0", "--output_dir", str(tmp_path / "ft")])  # fmt: skip
+    assert result["steps"] == 2 and result["best"]["metric"] == "top1"

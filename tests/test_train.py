@@ -31,6 +31,8 @@ def test_masked_patch_run_writes_everything_a_person_opens(tmp_path):
     for key in ("val/color_accuracy", "val/baseline_majority", "val/baseline_context_mean", "images_per_s", "data_wait_fraction"):
         assert key in saved and math.isfinite(saved[key]), key
     assert 0 <= saved["data_wait_fraction"] < 1
+    best = json.loads((run / "best/best.json").read_text())
+    assert best["metric"] == "color_accuracy" and best["step"] == 4 and (run / "best/model.safetensors").exists()
     weights = load_file(run / "checkpoints/step_000004/model.safetensors")
     assert "mask_token" in weights and "backbone.pos_embed" in weights
     # The saved config repeats the run.
@@ -118,3 +120,12 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_losses(tmp_path):
     assert result["steps"] == 120
     after = [s for s in reference if s > 10]
     assert [resumed[s] for s in after] == [reference[s] for s in after]  # exact in fp32 on CPU
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    # Supervised steps draw no randomness outside the (per-image seeded) augmentation: 2 x 8 == 1 x 16.
+    common = ["--max_steps", "3", "--fewshot_steps", "0", "--eval_steps", "3"]
+    full = main(tiny_args(tmp_path / "full", *common, objective="supervised"))
+    accum = main(tiny_args(tmp_path / "accum", *common, "--gradient_accumulation_steps", "2", objective="supervised"))
+    assert math.isclose(full["param_checksums"][0], accum["param_checksums"][0], rel_tol=1e-6)
+    assert full["param_checksums"] != main(tiny_args(tmp_path / "other", *common, "--seed", "1", objective="supervised"))["param_checksums"]
