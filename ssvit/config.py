@@ -105,6 +105,8 @@ class TrainConfig:
     cpu_threads: Optional[int] = None
     """Torch threads per process on CPU. Unset: the machine's cores shared by the local processes (accelerate
     launch sets OMP_NUM_THREADS=1, which would leave all but one core idle)."""
+    fused_attn: Optional[bool] = None
+    """PyTorch fused attention in timm's blocks; null: fused, except on CPU under bf16 (its backward is slow there)."""
     compile: bool = False
     """torch.compile the model."""
 

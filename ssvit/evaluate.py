@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
+import time
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -167,37 +169,50 @@ def main(argv=None) -> dict:
     from ssvit.models import create_backbone, load_backbone_weights, read_state_dict, run_config_of
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--init", required=True, help="ssvit checkpoint folder or model.safetensors")
+    p.add_argument("--init", required=True, help="ssvit checkpoint folder, or timm:<name> (with --img_size and --data)")
+    p.add_argument("--img_size", type=int, default=None, help="with timm:<name> (default 224)")
     p.add_argument("--data", default=None, help="as in pretraining (default: the checkpoint's own data)")
     p.add_argument("--representation", default="auto", choices=["auto", "cls", "mean", "prelogits"])
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25])
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--max_train", type=int, default=10_000, help="training images for probe and k-NN")
     p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--bf16", action="store_true", help="extract features under bf16 autocast")
     p.add_argument("--output", default=None, help="JSON file (default: evaluation.json beside the checkpoint)")
     p.add_argument("--random_init", action="store_true",
                    help="evaluate the checkpoint's architecture at random initialisation: the no-pretraining reference")  # fmt: skip
     args = p.parse_args(argv)
 
-    saved = run_config_of(args.init)
-    if saved is None:
-        raise FileNotFoundError(f"{args.init}: no config.yaml beside it; is it an ssvit checkpoint?")
-    keys = TrainConfig.__dataclass_fields__
-    cfg = TrainConfig(**{k: v for k, v in saved.items() if k in keys})
+    if args.init.startswith("timm:"):  # a timm model: its pretrained weights, or --random_init
+        cfg = TrainConfig(objective="supervised", model=args.init[5:], model_kwargs={}, img_size=args.img_size or 224)
+    else:
+        saved = run_config_of(args.init)
+        if saved is None:
+            raise FileNotFoundError(f"{args.init}: no config.yaml beside it; is it an ssvit checkpoint?")
+        cfg = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
     if args.data:
         cfg.data = args.data
     torch.manual_seed(0)  # a reproducible random initialisation for --random_init
     backbone = create_backbone(cfg.model, cfg.img_size, cfg.model_kwargs)
-    if not args.random_init:
+    if args.init.startswith("timm:") and not args.random_init:
+        import timm
+
+        load_backbone_weights(backbone, timm.create_model(cfg.model, pretrained=True, num_classes=0).state_dict(), args.init)
+    elif not args.random_init:
         load_backbone_weights(backbone, read_state_dict(args.init), args.init)
     splits = load_splits(cfg)
     rep = representation_for(cfg.objective, args.representation)
     result = {"checkpoint": "random initialisation" if args.random_init else str(args.init), "data": splits.description}
-    result |= evaluate_backbone(backbone, splits, rep, tuple(args.shots), tuple(range(args.seeds)), max_train=args.max_train,
-                                batch_size=args.batch_size)  # fmt: skip
+    start = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+        result |= evaluate_backbone(backbone, splits, rep, tuple(args.shots), tuple(range(args.seeds)),
+                                    max_train=args.max_train, batch_size=args.batch_size)  # fmt: skip
+    result["seconds"] = time.perf_counter() - start
+    result["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     init = Path(args.init)
     name = "evaluation_random_init.json" if args.random_init else "evaluation.json"
-    out = Path(args.output) if args.output else (init if init.is_dir() else init.parent) / name
+    folder = Path(".") if args.init.startswith("timm:") else (init if init.is_dir() else init.parent)
+    out = Path(args.output) if args.output else folder / name
     out.write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text(format_table(result) + "\n")
     print(format_table(result))

@@ -23,7 +23,14 @@ from tqdm.auto import tqdm
 import objectives
 from ssvit.config import RunConfig, TrainConfig
 from ssvit.data import EpochSampler, load_splits
-from ssvit.models import check_compatible, create_backbone, describe, load_backbone_weights, read_state_dict
+from ssvit.models import (
+    check_compatible,
+    create_backbone,
+    describe,
+    load_backbone_weights,
+    read_state_dict,
+    set_fused_attention,
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -249,6 +256,7 @@ def train(run: RunConfig) -> dict:
     with accelerator.main_process_first():
         splits = load_splits(cfg, is_main=accelerator.is_main_process)
     model = build_objective(run, splits.num_classes)
+    set_fused_attention(model, cfg.fused_attn, accelerator.device.type, accelerator.mixed_precision)
     lr = cfg.lr * cfg.batch_size / cfg.lr_base_batch_size if cfg.lr_base_batch_size else cfg.lr
     optimizer = make_optimizer(model, cfg, lr)
     scheduler = make_scheduler(optimizer, cfg)
