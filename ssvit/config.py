@@ -43,11 +43,11 @@ class TrainConfig:
     val_fraction: float = 0.02
     """Share of train held out for validation when the data has no validation split (ViT paper: 2%)."""
     split_seed: int = 0
-    """Seed of the held-out split and of label subsets: fixed across runs so that runs compare."""
+    """Seed of the held-out validation split: keep it fixed across runs so that they compare."""
     label_fraction: Optional[float] = None
-    """Train on a seeded, class-balanced fraction of the training images (low-label studies)."""
+    """Train on a class-balanced fraction of the training images, drawn with --seed (low-label studies)."""
     samples_per_class: Optional[int] = None
-    """Train on N seeded images per class (few-label studies)."""
+    """Train on N images per class, drawn with --seed (few-label studies)."""
     crop_scale: tuple[float, float] = (0.35, 1.0)
     """RandomResizedCrop area range (the paper's augmentation: random resized crop + flip)."""
     hflip: bool = True

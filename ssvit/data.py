@@ -212,7 +212,8 @@ def load_splits(cfg, is_main: bool = True) -> Splits:
         val_ds = make(val_hf, image_col, label_col, size, name=f"{cfg.data} val", is_main=is_main)
         desc = f"{cfg.data}: {len(train_ds):,} train / {len(val_ds):,} val ({how})"
     if cfg.label_fraction is not None or cfg.samples_per_class is not None:
-        keep = _stratified_subset(train_ds.labels, cfg.split_seed, cfg.label_fraction, cfg.samples_per_class)
+        # The subset varies with the run's seed; the validation split (split_seed) never does.
+        keep = _stratified_subset(train_ds.labels, getattr(cfg, "seed", 0), cfg.label_fraction, cfg.samples_per_class)
         train_ds = train_ds.subset(keep)
         desc += f"; training on a class-balanced subset of {len(train_ds):,}"
     train_ds.augment = augmentation(size, cfg.crop_scale, cfg.hflip)

@@ -7,7 +7,8 @@ import yaml
 
 from ssvit.config import parse
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml") if not p.name.startswith("compare_"))
+STUDIES = sorted((Path(__file__).resolve().parents[1] / "configs").glob("compare_*.yaml"))
 
 
 def test_defaults_are_the_quick_start():
@@ -66,3 +67,20 @@ def test_dumped_config_reproduces_the_run(tmp_path):
     again = parse(["--config", str(saved)])
     assert again.train == run.train and again.objective_options == run.objective_options
     assert yaml.safe_load(saved.read_text())["masked_patch"]["mask_ratio"] == 0.15
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
+def test_every_study_preset_parses_and_its_runs_take_valid_flags(path):
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from ssvit.compare import Study, flags
+
+    p = ArgumentParser()
+    p.add_argument("--config", action=ActionConfigFile)
+    p.add_class_arguments(Study)
+    study = Study(**{k: v for k, v in vars(p.parse_args(["--config", str(path)])).items() if k in Study.__dataclass_fields__})
+    parse([*flags(study.base), *flags({**study.pretrain, **study.masked_patch})])
+    parse([*flags(study.base), "--objective", "supervised", *flags({**study.pretrain, **study.supervised})])
+    parse([*flags(study.base), *flags(study.finetune)])
+    for extra in study.ablations.values():
+        parse([*flags(study.base), *flags({**study.pretrain, **extra})])

@@ -1,0 +1,45 @@
+"""The comparison study end to end on a tiny configuration: files written, finished cells never rerun."""
+
+import csv
+import json
+
+import yaml
+
+from ssvit.compare import confidence_interval, main
+
+from conftest import TINY_VIT
+
+
+def test_tiny_study_writes_table_and_plots_and_skips_finished_cells(tmp_path):
+    model_kwargs = yaml.safe_load(TINY_VIT[TINY_VIT.index("--model_kwargs") + 1])
+    study = {
+        "output_dir": str(tmp_path / "study"),
+        "base": {"model": "vit_tiny_patch16_224", "model_kwargs": model_kwargs, "img_size": 16, "data": "synthetic:400",
+                 "mixed_precision": "no", "report_to": [], "cpu_threads": 1, "batch_size": 16, "eval_batches": 1},
+        "pretrain": {"max_steps": 2, "warmup_steps": 1},
+        "finetune": {"max_steps": 2, "warmup_steps": 1},
+        "label_fractions": [0.5, 1.0],
+        "seeds": [0, 1],
+        "ablations": {"mask_ratio_0.15": {"masked_patch.mask_ratio": 0.15}},
+    }  # fmt: skip
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(study))
+    rows = main(["--config", str(config)])
+    root = tmp_path / "study"
+    for name in ("results.csv", "results.md", "accuracy_vs_labels.png", "fewshot_vs_compute.png"):
+        assert (root / name).stat().st_size > 0, name
+    finetunes = [r for r in rows if r["kind"] == "finetune"]
+    assert len(finetunes) == 3 * 2 * 2
+    assert {r["arm"] for r in rows if r["kind"] == "fewshot"} == {"supervised", "masked_patch", "masked_patch_mask_ratio_0.15"}
+    assert all(r["pretrain_flops"] > 0 for r in rows if r["kind"] == "fewshot")
+    assert len(list(csv.DictReader((root / "results.csv").open()))) == len(rows)
+    # A second invocation reuses every finished run.
+    stamps = {p: p.stat().st_mtime_ns for p in root.glob("runs/*/results.json")}
+    again = main(["--config", str(config)])
+    assert {p: p.stat().st_mtime_ns for p in root.glob("runs/*/results.json")} == stamps
+    assert [r["top1"] for r in again if r["kind"] == "finetune"] == [r["top1"] for r in finetunes]
+    assert json.loads((root / "runs/finetune_scratch_frac0.5_seed1/results.json").read_text())["steps"] == 2
+
+
+def test_confidence_interval_uses_students_t():
+    assert abs(confidence_interval([1.0, 2.0, 3.0]) - 4.303 * 1.0 / 3**0.5) < 1e-9
