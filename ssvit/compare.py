@@ -12,17 +12,19 @@ Writes results.csv, results.md (mean and 95% confidence interval over seeds) and
 
 from __future__ import annotations
 
-import csv
-import json
-import math
-import statistics
+import os
 import sys
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Optional
 
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not ssvit/ (its modules would shadow)
+if __package__ in (None, ""):  # run as a script: the repo root, not ssvit/, whose inspect.py would shadow the stdlib
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import csv  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import statistics  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Optional  # noqa: E402
 
 import yaml  # noqa: E402
 

@@ -9,10 +9,15 @@ the collected (N, D) features enter the solve, so a ViT-B/16 evaluates on CPU wi
 
 from __future__ import annotations
 
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: the repo root, not ssvit/, whose inspect.py would shadow the stdlib
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 import argparse
 import json
 import resource
-import sys
 import time
 from pathlib import Path
 from typing import Literal, Optional
@@ -23,8 +28,6 @@ from einops import reduce
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not ssvit/ (its modules would shadow)
 
 Representation = Literal["auto", "cls", "mean", "prelogits"]
 

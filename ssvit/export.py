@@ -11,15 +11,18 @@ When the run kept EMA weights, those are exported (--no-ema for the raw weights)
 
 from __future__ import annotations
 
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: the repo root, not ssvit/, whose inspect.py would shadow the stdlib
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 import argparse
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not ssvit/ (its modules would shadow)
 
 from ssvit.models import create_backbone, load_backbone_weights, read_state_dict, run_config_of  # noqa: E402
 

@@ -11,11 +11,12 @@ at another --img_size the position embeddings are resampled in 2-D (timm; the cl
 
 from __future__ import annotations
 
+import os
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not ssvit/ (its modules would shadow)
+if __package__ in (None, ""):  # run as a script: the repo root, not ssvit/, whose inspect.py would shadow the stdlib
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 from accelerate import PartialState  # noqa: E402
 
@@ -44,6 +45,8 @@ FINETUNE_DEFAULTS = {
 def defaults_from_init(argv: list[str]) -> dict:
     """The architecture and resolution of the --init checkpoint (ssvit config.yaml or timm config.json)."""
     init = next((a.split("=", 1)[1] if "=" in a else argv[i + 1] for i, a in enumerate(argv) if a.split("=")[0] == "--init"), None)
+    if init is None and ("--help" in argv or "-h" in argv):
+        return {}
     if init is None:
         raise SystemExit("finetune: --init is required (an ssvit checkpoint, an exported backbone folder, or timm:<name>).")
     if init.startswith("timm:"):

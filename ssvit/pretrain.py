@@ -7,11 +7,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script (accelerate launch ssvit/pretrain.py): make the repo importable
-    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not ssvit/ (its modules would shadow)
+if __package__ in (None, ""):  # run as a script: the repo root, not ssvit/, whose inspect.py would shadow the stdlib
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 from accelerate import PartialState  # noqa: E402
 

@@ -47,6 +47,11 @@ class JSONLTracker(GeneralTracker):
     def __init__(self, path: Path):
         super().__init__()
         self.path = path
+        # A run killed mid-write leaves a partial last line: drop it before a resumed run appends.
+        if path.exists():
+            text = path.read_text()
+            if text and not text.endswith("\n"):
+                path.write_text(text[: text.rfind("\n") + 1])
 
     @property
     def tracker(self):

@@ -84,3 +84,14 @@ def test_every_study_preset_parses_and_its_runs_take_valid_flags(path):
     parse([*flags(study.base), *flags(study.finetune)])
     for extra in study.ablations.values():
         parse([*flags(study.base), *flags({**study.pretrain, **extra})])
+
+
+@pytest.mark.parametrize("script", ["pretrain", "finetune", "compare", "evaluate", "export"])
+def test_entry_scripts_run_as_files(script):
+    """`accelerate launch ssvit/<script>.py` runs the file as a script: ssvit/ must not shadow the stdlib."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, f"ssvit/{script}.py", "--help"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

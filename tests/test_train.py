@@ -16,7 +16,13 @@ from conftest import PYTHON, ROOT, subprocess_env, tiny_args
 
 
 def losses(run_dir) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """Training loss by step; a line cut by SIGKILL mid-write is not a row."""
+    rows = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
