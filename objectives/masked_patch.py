@@ -95,6 +95,13 @@ def corrupt(
     return out, selected, kind
 
 
+def take(x: torch.Tensor, selected: torch.Tensor, k: int) -> torch.Tensor:
+    """x[selected] as (B, k, ...) when every row of `selected` holds k patches, in row order. A gather, not
+    boolean indexing, which would wait for the GPU on every step to learn the result's size."""
+    positions = selected.long().sort(dim=1, descending=True, stable=True).indices[:, :k].sort(dim=1).values
+    return x.gather(1, positions.view(*positions.shape, *([1] * (x.ndim - 2))).expand(-1, -1, *x.shape[2:]))
+
+
 @register("masked_patch")
 class MaskedPatch(Objective):
     best_metric = "color_accuracy"
@@ -174,14 +181,17 @@ class MaskedPatch(Objective):
             handle.remove()
         return tokens[:, self.backbone.num_prefix_tokens :], plan["selected"], plan["kind"]
 
+    def num_selected(self, n_tokens: int) -> int:
+        return round(self.options.mask_ratio * n_tokens)  # as corrupt() selects
+
     def _patch_size(self, images: torch.Tensor, n_tokens: int) -> int:
         return images.shape[-1] // math.isqrt(n_tokens)
 
     def predict(self, images: torch.Tensor):
         """Head outputs on the corrupted patches: (pred (B, k, out), selected (B, N), kind, patch size)."""
         tokens, selected, kind = self.encode(images)
-        b, n, d = tokens.shape
-        picked = rearrange(tokens[selected], "(b k) d -> b k d", b=b)  # exactly k per image
+        n = tokens.shape[1]
+        picked = take(tokens, selected, self.num_selected(n))
         return self.head(picked), selected, kind, self._patch_size(images, n)
 
     def _loss_and_color(self, pred, images, selected, patch):
@@ -189,7 +199,7 @@ class MaskedPatch(Objective):
         o = self.options
         b = images.shape[0]
         targets = patch_targets(images, patch, o.target, o.bits, o.grid)
-        targets = targets[selected].view(b, -1, *targets.shape[2:])
+        targets = take(targets, selected, pred.shape[1])
         pred = pred.float()
         if o.target == "mean_color":
             return F.cross_entropy(rearrange(pred, "b k c -> (b k) c"), targets.flatten()), pred.argmax(-1)
@@ -207,7 +217,7 @@ class MaskedPatch(Objective):
         true_color = patch_targets(images, patch, "mean_color", self.options.bits)
         if self.training:
             self.train_color_counts += torch.bincount(true_color.flatten(), minlength=self.classes)
-        accuracy = (color == true_color[selected].view_as(color)).float().mean()
+        accuracy = (color == take(true_color, selected, color.shape[1])).float().mean()
         return StepOutput(loss, {"color_accuracy": accuracy.detach()})
 
     def make_metrics(self) -> torchmetrics.MetricCollection:
@@ -221,7 +231,7 @@ class MaskedPatch(Objective):
         loss, color = self._loss_and_color(pred, images, selected, patch)
         o = self.options
         patch_rgb = reduce(images, "b c (h p1) (w p2) -> b (h w) c", "mean", p1=patch, p2=patch)
-        true_color = color_class(patch_rgb, o.bits)[selected].view_as(color)
+        true_color = take(color_class(patch_rgb, o.bits), selected, color.shape[1])
         # No-learning baselines, printed beside the model: (1) the most frequent colour class of the training
         # patches; (2) per image, the colour class of the mean of its uncorrupted patches.
         majority = self.train_color_counts.argmax()

@@ -146,11 +146,12 @@ def _stratified_subset(labels: torch.Tensor, seed: int, fraction=None, per_class
 
 def _decode_all(ds, image_column: str, size: int, name: str) -> torch.Tensor:
     """Decode every image once into a uint8 (N, 3, size, size) tensor (resized if it is not already square at size)."""
+    import datasets
     from PIL import Image
 
     resize = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
     out = torch.empty(len(ds), 3, size, size, dtype=torch.uint8)
-    raw = ds.cast_column(image_column, __import__("datasets").Image(decode=False))
+    raw = ds.cast_column(image_column, datasets.Image(decode=False))
     for i, item in enumerate(tqdm(raw, desc=f"decoding {name} once", unit="img", mininterval=2)):
         try:
             img = Image.open(_image_source(item[image_column])).convert("RGB")
