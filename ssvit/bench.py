@@ -74,9 +74,9 @@ def time_steps(step, device, warmup=3, windows=5, steps_per_window=5) -> tuple[f
     return statistics.median(per_step), split
 
 
-def make_step(loss_fn, params, images, labels, device, precision):
+def make_step(loss_fn, params, images, labels, device, precision, fused=None):
     """One training step with AdamW; returns the time of its forward, backward and optimizer phases."""
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if fused else {}))
 
     def step():
         sync(device)
@@ -154,12 +154,16 @@ def run(args) -> dict:
     torch.manual_seed(0)
     images = torch.rand(args.batch_size, 3, args.img_size, args.img_size, device=device)
     labels = torch.randint(0, 10, (args.batch_size,), device=device)
+    # The optimizer as training picks it (--fused_optimizer), the same for every candidate.
+    fused_optimizer = args.fused_optimizer if args.fused_optimizer is not None else device.type == "cuda"
     objective_cls = get_objective(args.objective)
     model = objective_cls(create_backbone(args.model, args.img_size, args.model_kwargs), 10, objective_cls.Options()).to(device)
     if args.compile:  # the transformer blocks, where the time goes (the corruption hook stays eager)
         model.backbone.blocks = torch.compile(model.backbone.blocks)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
     candidates = {}
-    candidates[f"ssvit_{args.objective}"] = (lambda x, y: model(x, y).loss, list(model.parameters()))
+    candidates[f"ssvit_{args.objective}"] = (lambda x, y: model(x.contiguous(memory_format=fmt), y).loss, list(model.parameters()))
     candidates.update(peers(args, device))
     report = {
         "machine": platform.processor() or platform.machine(),
@@ -171,6 +175,8 @@ def run(args) -> dict:
         "img_size": args.img_size,
         "batch_size": args.batch_size,
         "compile": args.compile,
+        "fused_optimizer": fused_optimizer,
+        "channels_last": args.channels_last,
         "date": time.strftime("%Y-%m-%d"),
         "input_pipeline_images_per_s": input_pipeline_rate(args.img_size, args.batch_size),
         "results": {},
@@ -191,7 +197,7 @@ def run(args) -> dict:
                 p.grad = None
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            seconds, split = time_steps(make_step(loss_fn, params, images, labels, device, precision), device, windows=args.windows)
+            seconds, split = time_steps(make_step(loss_fn, params, images, labels, device, precision, fused_optimizer), device, windows=args.windows)
             ips = args.batch_size / seconds
             rows[name] = {
                 "images_per_s": ips,
@@ -254,6 +260,8 @@ def main(argv=None) -> dict:
     p.add_argument("--windows", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks of ssvit and timm")
     p.add_argument("--fused_attn", type=yaml.safe_load, default=None, help="ssvit's attention path (default: as training picks)")
+    p.add_argument("--fused_optimizer", type=yaml.safe_load, default=None, help="fused AdamW for every step (default: on CUDA)")
+    p.add_argument("--channels_last", action="store_true", help="channels_last model and images for ssvit (BiT, hybrids)")
     p.add_argument("--peers", nargs="*", default=["timm", "transformers"], help="peers to measure beside ssvit")
     p.add_argument("--out", default="bench.json")
     args = p.parse_args(argv)

@@ -102,6 +102,17 @@ def confidence_interval(values: list[float]) -> float:
     return T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
 
 
+def top1_by_seed(rows: list[dict], arm: str, fraction: float) -> dict:
+    return {r["seed"]: r["top1"] for r in rows if r["kind"] == "finetune" and r["arm"] == arm and r["label_fraction"] == fraction}
+
+
+def paired_difference(arm: dict, scratch: dict) -> Optional[tuple[float, float]]:
+    """Mean and 95% interval of (arm - scratch) over the seeds both ran. A seed fixes the label subset and the
+    data order for every arm, so pairing removes that share of the spread from the comparison."""
+    diffs = [arm[s] - scratch[s] for s in arm if s in scratch]
+    return (statistics.mean(diffs), confidence_interval(diffs)) if len(diffs) >= 2 else None
+
+
 def run_study(study: Study) -> list[dict]:
     from ssvit.evaluate import evaluate_backbone, representation_for
     from ssvit.export import build_timm_model
@@ -153,16 +164,19 @@ def write_report(rows: list[dict], root: Path) -> None:
         writer.writeheader()
         writer.writerows(rows)
 
-    lines = ["| arm | label fraction | fine-tune top-1 (mean ± 95% CI) | seeds |", "|---|---|---|---|"]
+    lines = ["| arm | label fraction | fine-tune top-1 (mean ± 95% CI) | minus scratch, paired by seed (mean ± 95% CI) | seeds |",
+             "|---|---|---|---|---|"]  # fmt: skip
     fractions = sorted({r["label_fraction"] for r in rows if r["kind"] == "finetune"})
     series = {}
     for arm in ARMS:
         for fraction in fractions:
-            top1 = [r["top1"] for r in rows if r["kind"] == "finetune" and r["arm"] == arm and r["label_fraction"] == fraction]
+            top1 = top1_by_seed(rows, arm, fraction)
             if top1:
-                mean, ci = statistics.mean(top1), confidence_interval(top1)
+                mean, ci = statistics.mean(top1.values()), confidence_interval(list(top1.values()))
                 series.setdefault(arm, []).append((fraction, mean, ci))
-                lines.append(f"| {arm} | {fraction:g} | {mean:.2%} ± {ci:.2%} | {len(top1)} |")
+                gain = paired_difference(top1, top1_by_seed(rows, "scratch", fraction)) if arm != "scratch" else None
+                gain = f"{gain[0]:+.2%} ± {gain[1]:.2%}" if gain else ""
+                lines.append(f"| {arm} | {fraction:g} | {mean:.2%} ± {ci:.2%} | {gain} | {len(top1)} |")
     lines += ["", "| pretraining | pretraining FLOPs | 1-shot | 5-shot | 10-shot | 25-shot |", "|---|---|---|---|---|---|"]
     for r in (r for r in rows if r["kind"] == "fewshot"):
         shots = " | ".join(f"{r.get(f'fewshot_{n}shot', float('nan')):.2%}" for n in (1, 5, 10, 25))

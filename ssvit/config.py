@@ -109,6 +109,10 @@ class TrainConfig:
     """PyTorch fused attention in timm's blocks; null: fused, except on CPU under bf16 (its backward is slow there)."""
     compile: bool = False
     """torch.compile the model."""
+    fused_optimizer: Optional[bool] = None
+    """PyTorch's fused AdamW/SGD (one kernel over all parameters); null: fused on CUDA, PyTorch's default elsewhere."""
+    channels_last: bool = False
+    """Model and images in channels_last memory format: faster convolutions (BiT, hybrid stems) on GPUs."""
 
 
 def _flag_aliases(argv: list[str]) -> list[str]:

@@ -164,7 +164,7 @@ def make_scheduler(optimizer, cfg: TrainConfig):
     return PolyLRScheduler(optimizer, power=1.0 if cfg.lr_scheduler_type == "linear" else 0.0, **kw)
 
 
-def make_optimizer(model: objectives.Objective, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(model: objectives.Objective, cfg: TrainConfig, lr: float, device_type: str = "cpu") -> torch.optim.Optimizer:
     """timm's parameter groups for the backbone (no weight decay on biases, norms, position embeddings and
     tokens; optional layer-wise lr decay), plus the objective's own parameters (head, [mask] token)."""
     from timm.optim import param_groups_layer_decay, param_groups_weight_decay
@@ -179,9 +179,11 @@ def make_optimizer(model: objectives.Objective, cfg: TrainConfig, lr: float) -> 
     groups += [{"params": [p for p in own if p.ndim > 1], "weight_decay": cfg.weight_decay},
                {"params": [p for p in own if p.ndim <= 1], "weight_decay": 0.0}]  # fmt: skip
     groups = [g for g in groups if g["params"]]
+    fused = cfg.fused_optimizer if cfg.fused_optimizer is not None else device_type == "cuda"
+    kwargs = {"fused": True} if fused else {}  # not fused: PyTorch picks its foreach or per-parameter loop
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
-    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, **kwargs)
+    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), **kwargs)
 
 
 @torch.no_grad()
@@ -263,7 +265,9 @@ def train(run: RunConfig) -> dict:
     model = build_objective(run, splits.num_classes)
     set_fused_attention(model, cfg.fused_attn, accelerator.device.type, accelerator.mixed_precision)
     lr = cfg.lr * cfg.batch_size / cfg.lr_base_batch_size if cfg.lr_base_batch_size else cfg.lr
-    optimizer = make_optimizer(model, cfg, lr)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    optimizer = make_optimizer(model, cfg, lr, accelerator.device.type)
     scheduler = make_scheduler(optimizer, cfg)
     train_ds = splits.train
     train_ds.seed = cfg.seed
@@ -332,7 +336,7 @@ def train(run: RunConfig) -> dict:
             tick = time.perf_counter()
             batch = next(batches)
             data_wait += time.perf_counter() - tick
-            images = batch["image"].float().div_(255)
+            images = batch["image"].float().div_(255).contiguous(memory_format=memory_format)
             # ---- the training step ----
             with accelerator.accumulate(model):  # prepare() already runs forward under autocast
                 out = model(images, batch["label"])

@@ -8,8 +8,9 @@ from ssvit.bench import main
 def test_bench_reports_throughput_flops_mfu_and_peers(tmp_path):
     out = tmp_path / "bench.json"
     report = main(["--model_kwargs", "{patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}", "--img_size", "16",
-                   "--batch_size", "8", "--windows", "1", "--precision", "fp32", "--out", str(out)])  # fmt: skip
+                   "--batch_size", "8", "--windows", "1", "--precision", "fp32", "--fused_optimizer", "true", "--out", str(out)])  # fmt: skip
     assert json.loads(out.read_text()) == report
+    assert report["fused_optimizer"] is True and report["channels_last"] is False
     fp32 = report["results"]["fp32"]
     assert fp32["peak_flops"] > 0 and fp32["peak_source"] == "measured fp32 matmul"
     ours = fp32["steps"]["ssvit_masked_patch"]

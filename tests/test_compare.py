@@ -5,7 +5,7 @@ import json
 
 import yaml
 
-from ssvit.compare import confidence_interval, main
+from ssvit.compare import confidence_interval, main, paired_difference
 
 from conftest import TINY_VIT
 
@@ -33,6 +33,7 @@ def test_tiny_study_writes_table_and_plots_and_skips_finished_cells(tmp_path):
     assert {r["arm"] for r in rows if r["kind"] == "fewshot"} == {"supervised", "masked_patch", "masked_patch_mask_ratio_0.15"}
     assert all(r["pretrain_flops"] > 0 for r in rows if r["kind"] == "fewshot")
     assert len(list(csv.DictReader((root / "results.csv").open()))) == len(rows)
+    assert "minus scratch, paired by seed" in (root / "results.md").read_text()
     # A second invocation reuses every finished run.
     stamps = {p: p.stat().st_mtime_ns for p in root.glob("runs/*/results.json")}
     again = main(["--config", str(config)])
@@ -43,3 +44,11 @@ def test_tiny_study_writes_table_and_plots_and_skips_finished_cells(tmp_path):
 
 def test_confidence_interval_uses_students_t():
     assert abs(confidence_interval([1.0, 2.0, 3.0]) - 4.303 * 1.0 / 3**0.5) < 1e-9
+
+
+def test_paired_difference_pairs_seeds_and_ignores_unmatched_ones():
+    scratch = {0: 0.30, 1: 0.40, 2: 0.35}
+    arm = {0: 0.35, 1: 0.45, 2: 0.40, 3: 0.90}  # a constant +5 points on the shared seeds; seed 3 has no partner
+    mean, ci = paired_difference(arm, scratch)
+    assert abs(mean - 0.05) < 1e-12 and ci < 1e-12  # the seeds' own spread (10 points) cancels out
+    assert paired_difference({0: 0.5}, scratch) is None  # one pair gives no interval

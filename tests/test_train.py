@@ -135,3 +135,19 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     accum = main(tiny_args(tmp_path / "accum", *common, "--gradient_accumulation_steps", "2", objective="supervised"))
     assert math.isclose(full["param_checksums"][0], accum["param_checksums"][0], rel_tol=1e-6)
     assert full["param_checksums"] != main(tiny_args(tmp_path / "other", *common, "--seed", "1", objective="supervised"))["param_checksums"]
+
+
+@pytest.mark.parametrize(
+    "switch, model",
+    [(["--fused_optimizer", "true"], []), (["--fused_optimizer", "true", "--optimizer", "sgd"], ["--optimizer", "sgd"]),
+     (["--channels_last", "true"], ["--model", "resnetv2_50x1_bit", "--model_kwargs", "{}", "--batch_size", "8",
+                                    "--optimizer", "sgd", "--lr", "0.01"])],
+    ids=["fused_adamw", "fused_sgd", "channels_last_bit"],
+)  # fmt: skip
+def test_speed_switches_train_the_same_weights(tmp_path, switch, model):
+    # Same arithmetic, other kernels or memory layout: the weights after 3 steps agree to float rounding (BiT
+    # with SGD: AdamW's normalised steps would blow the rounding differences of convolution kernels up).
+    common = [*model, "--max_steps", "3", "--fewshot_steps", "0", "--eval_steps", "3"]
+    plain = main(tiny_args(tmp_path / "plain", *common, objective="supervised"))
+    switched = main(tiny_args(tmp_path / "switched", *common, *switch, objective="supervised"))
+    assert math.isclose(plain["param_checksums"][0], switched["param_checksums"][0], rel_tol=1e-5)
