@@ -130,12 +130,16 @@ def run_study(study: Study) -> list[dict]:
 
     rows = []
     for name, ckpt in pretrained.items():  # few-shot accuracy of each pretrained backbone (frozen)
-        saved = yaml.safe_load((ckpt / "config.yaml").read_text())
-        cfg = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
-        backbone, _ = build_timm_model(ckpt)
-        few = evaluate_backbone(backbone, load_splits(cfg), representation_for(cfg.objective, "auto"), probe=False, max_train=5000)
-        rows.append({"kind": "fewshot", "arm": name, "label_fraction": "", "seed": "",
-                     "pretrain_flops": pretraining_flops(ckpt.parents[1]), **{k: v for k, v in few.items() if k.startswith("fewshot")}})  # fmt: skip
+        done = ckpt.parents[1] / "study_fewshot.json"  # like a run: computed once, read by later invocations
+        if not done.exists():
+            saved = yaml.safe_load((ckpt / "config.yaml").read_text())
+            cfg = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
+            backbone, _ = build_timm_model(ckpt)
+            few = evaluate_backbone(backbone, load_splits(cfg), representation_for(cfg.objective, "auto"), probe=False, max_train=5000)
+            row = {"kind": "fewshot", "arm": name, "label_fraction": "", "seed": "",
+                   "pretrain_flops": pretraining_flops(ckpt.parents[1]), **{k: v for k, v in few.items() if k.startswith("fewshot")}}  # fmt: skip
+            done.write_text(json.dumps(row, indent=2) + "\n")
+        rows.append(json.loads(done.read_text()))
 
     for arm in ARMS:
         for fraction in study.label_fractions:

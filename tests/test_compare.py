@@ -35,9 +35,11 @@ def test_tiny_study_writes_table_and_plots_and_skips_finished_cells(tmp_path):
     assert len(list(csv.DictReader((root / "results.csv").open()))) == len(rows)
     assert "minus scratch, paired by seed" in (root / "results.md").read_text()
     # A second invocation reuses every finished run.
-    stamps = {p: p.stat().st_mtime_ns for p in root.glob("runs/*/results.json")}
+    stamps = {p: p.stat().st_mtime_ns for p in [*root.glob("runs/*/results.json"), *root.glob("runs/*/study_fewshot.json")]}
+    assert len(stamps) == 3 * 2 * 2 + 3 + 3  # fine-tunings, pretrainings and their few-shot evaluations
     again = main(["--config", str(config)])
-    assert {p: p.stat().st_mtime_ns for p in root.glob("runs/*/results.json")} == stamps
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert again == rows
     assert [r["top1"] for r in again if r["kind"] == "finetune"] == [r["top1"] for r in finetunes]
     assert json.loads((root / "runs/finetune_scratch_frac0.5_seed1/results.json").read_text())["steps"] == 2
 
