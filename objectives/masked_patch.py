@@ -95,10 +95,14 @@ def corrupt(
     return out, selected, kind
 
 
-def take(x: torch.Tensor, selected: torch.Tensor, k: int) -> torch.Tensor:
-    """x[selected] as (B, k, ...) when every row of `selected` holds k patches, in row order. A gather, not
-    boolean indexing, which would wait for the GPU on every step to learn the result's size."""
-    positions = selected.long().sort(dim=1, descending=True, stable=True).indices[:, :k].sort(dim=1).values
+def selected_positions(selected: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, k) indices of the k selected patches of each row, ascending: the positions x[selected] would pick,
+    found by a sort rather than boolean indexing, which would wait for the GPU to learn the result's size."""
+    return torch.argsort((~selected).to(torch.uint8), dim=1, stable=True)[:, :k]
+
+
+def take(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x (B, N, ...) at positions (B, k): (B, k, ...)."""
     return x.gather(1, positions.view(*positions.shape, *([1] * (x.ndim - 2))).expand(-1, -1, *x.shape[2:]))
 
 
@@ -181,25 +185,23 @@ class MaskedPatch(Objective):
             handle.remove()
         return tokens[:, self.backbone.num_prefix_tokens :], plan["selected"], plan["kind"]
 
-    def num_selected(self, n_tokens: int) -> int:
-        return round(self.options.mask_ratio * n_tokens)  # as corrupt() selects
-
     def _patch_size(self, images: torch.Tensor, n_tokens: int) -> int:
         return images.shape[-1] // math.isqrt(n_tokens)
 
     def predict(self, images: torch.Tensor):
-        """Head outputs on the corrupted patches: (pred (B, k, out), selected (B, N), kind, patch size)."""
-        tokens, selected, kind = self.encode(images)
+        """Head outputs on the corrupted patches: (pred (B, k, out), selected (B, N), their positions (B, k),
+        patch size)."""
+        tokens, selected, _ = self.encode(images)
         n = tokens.shape[1]
-        picked = take(tokens, selected, self.num_selected(n))
-        return self.head(picked), selected, kind, self._patch_size(images, n)
+        positions = selected_positions(selected, round(self.options.mask_ratio * n))  # k, as corrupt() selects
+        return self.head(take(tokens, positions)), selected, positions, self._patch_size(images, n)
 
-    def _loss_and_color(self, pred, images, selected, patch):
+    def _loss_and_color(self, pred, images, positions, patch):
         """Loss on the corrupted patches and the predicted mean-colour class of each (for accuracy)."""
         o = self.options
         b = images.shape[0]
         targets = patch_targets(images, patch, o.target, o.bits, o.grid)
-        targets = take(targets, selected, pred.shape[1])
+        targets = take(targets, positions)
         pred = pred.float()
         if o.target == "mean_color":
             return F.cross_entropy(rearrange(pred, "b k c -> (b k) c"), targets.flatten()), pred.argmax(-1)
@@ -212,12 +214,12 @@ class MaskedPatch(Objective):
         return loss, color_class(reduce(pred.clamp(0, 1), "b k (p c) -> b k c", "mean", c=3), o.bits)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
-        pred, selected, _, patch = self.predict(images)
-        loss, color = self._loss_and_color(pred, images, selected, patch)
+        pred, _, positions, patch = self.predict(images)
+        loss, color = self._loss_and_color(pred, images, positions, patch)
         true_color = patch_targets(images, patch, "mean_color", self.options.bits)
         if self.training:
             self.train_color_counts += torch.bincount(true_color.flatten(), minlength=self.classes)
-        accuracy = (color == take(true_color, selected, color.shape[1])).float().mean()
+        accuracy = (color == take(true_color, positions)).float().mean()
         return StepOutput(loss, {"color_accuracy": accuracy.detach()})
 
     def make_metrics(self) -> torchmetrics.MetricCollection:
@@ -227,11 +229,11 @@ class MaskedPatch(Objective):
 
     @torch.no_grad()
     def update_metrics(self, metrics, images: torch.Tensor, labels: torch.Tensor) -> None:
-        pred, selected, _, patch = self.predict(images)
-        loss, color = self._loss_and_color(pred, images, selected, patch)
+        pred, selected, positions, patch = self.predict(images)
+        loss, color = self._loss_and_color(pred, images, positions, patch)
         o = self.options
         patch_rgb = reduce(images, "b c (h p1) (w p2) -> b (h w) c", "mean", p1=patch, p2=patch)
-        true_color = take(color_class(patch_rgb, o.bits), selected, color.shape[1])
+        true_color = take(color_class(patch_rgb, o.bits), positions)
         # No-learning baselines, printed beside the model: (1) the most frequent colour class of the training
         # patches; (2) per image, the colour class of the mean of its uncorrupted patches.
         majority = self.train_color_counts.argmax()
@@ -252,8 +254,8 @@ class MaskedPatch(Objective):
         images = images[: self.options.mosaic_images]
         if len(images) == 0:
             return None
-        pred, selected, _, patch = self.predict(images)
-        _, color = self._loss_and_color(pred, images, selected, patch)
+        pred, selected, positions, patch = self.predict(images)
+        _, color = self._loss_and_color(pred, images, positions, patch)
         bits, side = self.options.bits, images.shape[-1] // patch
         true = class_color(patch_targets(images, patch, "mean_color", bits), bits)
         shown = true * 0.35
