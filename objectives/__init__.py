@@ -18,7 +18,6 @@ def register(name: str):
     def add(cls: type[Objective]) -> type[Objective]:
         if name in OBJECTIVES:
             raise ValueError(f"objective {name!r} is registered twice ({OBJECTIVES[name].__module__}, {cls.__module__})")
-        cls.name = name
         OBJECTIVES[name] = cls
         return cls
 

@@ -20,6 +20,9 @@ class StepOutput:
     """Scalar training loss."""
     logs: dict[str, torch.Tensor] = field(default_factory=dict)
     """Detached scalar tensors to log (no .item() here: the loop syncs only at log intervals)."""
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Per-image tensors (batch dimension first) from which update_metrics scores the step; in evaluation the
+    loop gathers them from every process (accelerator.gather_for_metrics) before update_metrics sees them."""
 
 
 def mlp_tanh_head(dim: int, out_dim: int, hidden_dim: Optional[int] = None) -> nn.Sequential:
@@ -29,11 +32,14 @@ def mlp_tanh_head(dim: int, out_dim: int, hidden_dim: Optional[int] = None) -> n
 
 
 class Objective(nn.Module):
-    """Wraps a timm backbone. ``forward(images, labels)`` takes images in [0, 1] and returns a StepOutput."""
+    """Wraps a timm backbone. ``forward(images, labels)`` takes images in [0, 1] and returns a StepOutput.
 
-    name: str = ""
+    One path computes predictions and loss (forward); validation metrics are updated from its outputs."""
+
     best_metric: Optional[str] = None
     """Validation metric (higher is better) that selects the best checkpoint, e.g. "top1"."""
+    needs_labels: bool = True
+    """False for self-supervised objectives: they train on images without labels."""
 
     @dataclass
     class Options:
@@ -56,12 +62,16 @@ class Objective(nn.Module):
         raise NotImplementedError
 
     def make_metrics(self):
-        """A torchmetrics MetricCollection for validation (synced across processes by torchmetrics)."""
+        """A torchmetrics MetricCollection for validation."""
         raise NotImplementedError
 
-    @torch.no_grad()
-    def update_metrics(self, metrics, images: torch.Tensor, labels: torch.Tensor) -> None:
+    def update_metrics(self, metrics, outputs: dict[str, torch.Tensor]) -> None:
+        """Update the validation metrics from a step's (gathered) outputs."""
         raise NotImplementedError
 
-    def on_evaluate(self, images: torch.Tensor, labels: torch.Tensor, out_dir: Path, step: int) -> None:
+    def on_train_step(self, out: StepOutput) -> None:
+        """Optional: statistics kept over training steps (the loop calls it after each forward)."""
+
+    def on_evaluate(self, images: torch.Tensor, out_dir: Path, step: int) -> Optional[Path]:
         """Optional: write a figure from a few validation images (main process only)."""
+        return None

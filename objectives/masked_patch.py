@@ -9,7 +9,6 @@ patch (``target``), and a 15% corruption rate, which was slightly worse (``mask_
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -65,10 +64,12 @@ def patch_targets(images: torch.Tensor, patch: int, target: str, bits: int = 3, 
 
 def corrupt(
     tokens: torch.Tensor, mask_token: torch.Tensor, ratio: float, mask_prob: float, random_prob: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Corrupt patch embeddings (B, N, D) as in App. B.1.2. Returns (tokens, selected, kind).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Corrupt patch embeddings (B, N, D) as in App. B.1.2. Returns (tokens, selected (B, N), kind (B, N),
+    positions (B, k)): positions are the k selected patches of each image in ascending order, for gathering
+    without boolean indexing (which would wait for the GPU to learn the result's size).
 
-    Exactly round(ratio * N) patches per image are selected. Each selected patch independently becomes the
+    Exactly k = round(ratio * N) patches per image are selected. Each selected patch independently becomes the
     [mask] embedding (mask_prob), a random other patch embedding (random_prob) or stays unchanged (the rest);
     kind is 0 unselected, 1 mask, 2 random, 3 unchanged. Unselected tokens are returned bit-identical.
 
@@ -92,13 +93,7 @@ def corrupt(
     out = torch.where(to_mask[..., None], mask_token.to(tokens.dtype), tokens)
     out = torch.where(to_random[..., None], flat[other.clamp_(max=b * n - 1)], out)
     kind = selected.long() + to_random.long() + 2 * (selected & ~to_mask & ~to_random).long()
-    return out, selected, kind
-
-
-def selected_positions(selected: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, k) indices of the k selected patches of each row, ascending: the positions x[selected] would pick,
-    found by a sort rather than boolean indexing, which would wait for the GPU to learn the result's size."""
-    return torch.argsort((~selected).to(torch.uint8), dim=1, stable=True)[:, :k]
+    return out, selected, kind, picked.sort(dim=1).values
 
 
 def take(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -106,9 +101,27 @@ def take(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return x.gather(1, positions.view(*positions.shape, *([1] * (x.ndim - 2))).expand(-1, -1, *x.shape[2:]))
 
 
+class ColorCounts(torchmetrics.Metric):
+    """How often each colour class occurs among the training patches: the majority-class baseline. Saved in
+    checkpoints (persistent), so the baseline survives a resume."""
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.add_state("counts", torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum", persistent=True)
+
+    def update(self, classes: torch.Tensor) -> None:
+        self.counts += torch.bincount(classes.flatten(), minlength=len(self.counts))
+
+    def compute(self) -> torch.Tensor:
+        return self.counts
+
+
 @register("masked_patch")
 class MaskedPatch(Objective):
     best_metric = "color_accuracy"
+    needs_labels = False
 
     @dataclass
     class Options:
@@ -124,7 +137,8 @@ class MaskedPatch(Objective):
         grid: int = 4
         """Cells per side of the downsampled target (paper: 4x4, 16 parallel predictions)."""
         head: Literal["mlp_tanh", "linear"] = "mlp_tanh"
-        """Prediction head on each corrupted output token (see MaskedPatch docstring)."""
+        """Prediction head on each corrupted output token: an MLP with one tanh hidden layer (the form of the
+        paper's pretraining head, section 3.1), or linear."""
         mosaic_images: int = 8
         """Validation images in the PNG written at each evaluation (0: none)."""
 
@@ -149,22 +163,19 @@ class MaskedPatch(Objective):
         dim = backbone.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        levels = 2**o.bits
-        self.classes = levels**3
-        grid_h, grid_w = backbone.patch_embed.grid_size
-        self.patch = backbone.patch_embed.img_size[0] // grid_h if hasattr(backbone.patch_embed, "img_size") else None
-        out_dim = {"mean_color": self.classes, "downsampled": o.grid**2 * self.classes}.get(o.target)
-        if out_dim is None:  # pixels: the patch's pixels, known once the patch size is
-            out_dim = self.patch * self.patch * 3
+        self.classes = (2**o.bits) ** 3
+        # The patch size in pixels, for targets: image size over the token grid (a hybrid's patch_embed works
+        # on CNN features, so its own patch_size is not the pixel size).
+        self.patch = backbone.patch_embed.img_size[0] // backbone.patch_embed.grid_size[0]
+        out_dim = {"mean_color": self.classes, "downsampled": o.grid**2 * self.classes, "pixels": self.patch**2 * 3}[o.target]
         self.head = mlp_tanh_head(dim, out_dim) if o.head == "mlp_tanh" else nn.Linear(dim, out_dim)
         last = self.head[-1] if isinstance(self.head, nn.Sequential) else self.head
         nn.init.trunc_normal_(last.weight, std=0.02)
         nn.init.zeros_(last.bias)
-        # Mean-colour classes of the training patches seen so far: the majority-class baseline.
-        self.register_buffer("train_color_counts", torch.zeros(self.classes, dtype=torch.long))
+        self.train_colors = ColorCounts(self.classes)
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run the backbone with corrupted patch embeddings: (patch tokens (B, N, D), selected, kind)."""
+        """Run the backbone with corrupted patch embeddings: (patch tokens (B, N, D), selected (B, N), positions (B, k))."""
         o = self.options
         plan = {}
 
@@ -173,7 +184,7 @@ class MaskedPatch(Objective):
         def hook(module, args, output):
             if output.ndim != 3:
                 raise ValueError("masked_patch needs patch_embed to return (B, N, D); disable dynamic_img_size")
-            output, plan["selected"], plan["kind"] = corrupt(
+            output, plan["selected"], _, plan["positions"] = corrupt(
                 output, self.mask_token, o.mask_ratio, o.mask_token_prob, o.random_patch_prob
             )
             return output
@@ -183,70 +194,58 @@ class MaskedPatch(Objective):
             tokens = self.backbone.forward_features(self.normalize(images))
         finally:
             handle.remove()
-        return tokens[:, self.backbone.num_prefix_tokens :], plan["selected"], plan["kind"]
+        return tokens[:, self.backbone.num_prefix_tokens :], plan["selected"], plan["positions"]
 
-    def _patch_size(self, images: torch.Tensor, n_tokens: int) -> int:
-        return images.shape[-1] // math.isqrt(n_tokens)
-
-    def predict(self, images: torch.Tensor):
-        """Head outputs on the corrupted patches: (pred (B, k, out), selected (B, N), their positions (B, k),
-        patch size)."""
-        tokens, selected, _ = self.encode(images)
-        n = tokens.shape[1]
-        positions = selected_positions(selected, round(self.options.mask_ratio * n))  # k, as corrupt() selects
-        return self.head(take(tokens, positions)), selected, positions, self._patch_size(images, n)
-
-    def _loss_and_color(self, pred, images, positions, patch):
-        """Loss on the corrupted patches and the predicted mean-colour class of each (for accuracy)."""
+    def _loss_and_color(self, pred: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss, averaged over the corrupted patches, and the predicted mean-colour class of each (B, k)."""
         o = self.options
-        b = images.shape[0]
-        targets = patch_targets(images, patch, o.target, o.bits, o.grid)
-        targets = take(targets, positions)
-        pred = pred.float()
         if o.target == "mean_color":
             return F.cross_entropy(rearrange(pred, "b k c -> (b k) c"), targets.flatten()), pred.argmax(-1)
         if o.target == "downsampled":
             logits = rearrange(pred, "b k (g c) -> (b k g) c", c=self.classes)
-            loss = F.cross_entropy(logits, targets.flatten())
-            cells = class_color(rearrange(logits.argmax(-1), "(b k g) -> b k g", b=b, g=o.grid**2), o.bits)
-            return loss, color_class(cells.mean(-2), o.bits)
-        loss = F.mse_loss(pred, targets)
-        return loss, color_class(reduce(pred.clamp(0, 1), "b k (p c) -> b k c", "mean", c=3), o.bits)
+            cells = class_color(rearrange(logits.argmax(-1), "(b k g) -> b k g", b=len(pred), g=o.grid**2), o.bits)
+            return F.cross_entropy(logits, targets.flatten()), color_class(cells.mean(-2), o.bits)
+        return F.mse_loss(pred, targets), color_class(reduce(pred.clamp(0, 1), "b k (p c) -> b k c", "mean", c=3), o.bits)
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
-        pred, _, positions, patch = self.predict(images)
-        loss, color = self._loss_and_color(pred, images, positions, patch)
-        true_color = patch_targets(images, patch, "mean_color", self.options.bits)
-        if self.training:
-            self.train_color_counts += torch.bincount(true_color.flatten(), minlength=self.classes)
-        accuracy = (color == take(true_color, positions)).float().mean()
-        return StepOutput(loss, {"color_accuracy": accuracy.detach()})
+    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> StepOutput:
+        o = self.options
+        tokens, selected, positions = self.encode(images)
+        pred = self.head(take(tokens, positions)).float()
+        patch_rgb = reduce(images, "b c (h p1) (w p2) -> b (h w) c", "mean", p1=self.patch, p2=self.patch)
+        colors = color_class(patch_rgb, o.bits)  # (B, N): the mean-colour class of every patch
+        targets = colors if o.target == "mean_color" else patch_targets(images, self.patch, o.target, o.bits, o.grid)
+        loss, predicted = self._loss_and_color(pred, take(targets, positions))
+        true = take(colors, positions)
+        correct = (predicted == true).float()
+        # Per image, for metrics: the batch's loss (every image has k corrupted patches, so averaging it over
+        # images weighs every patch the same, as the loss does), and which corrupted patches it got right.
+        outputs = {"loss": loss.detach().expand(len(images)), "correct": correct, "colors": colors}
+        if not self.training:
+            # No-learning baselines, printed beside the model: (1) the most frequent colour class of the training
+            # patches this process saw; (2) per image, the colour class of the mean of its uncorrupted patches.
+            keep = (~selected).float()[..., None]
+            context = color_class((patch_rgb * keep).sum(1) / keep.sum(1).clamp(min=1), o.bits)
+            outputs |= {"majority_hit": (true == self.train_colors.counts.argmax()).float(),
+                        "context_hit": (true == context[:, None]).float(), "predicted": predicted, "positions": positions}  # fmt: skip
+        return StepOutput(loss, {"color_accuracy": correct.mean()}, outputs)
+
+    def on_train_step(self, out: StepOutput) -> None:
+        self.train_colors.update(out.outputs["colors"])
 
     def make_metrics(self) -> torchmetrics.MetricCollection:
         return torchmetrics.MetricCollection(
             {name: torchmetrics.MeanMetric() for name in ("loss", "color_accuracy", "baseline_majority", "baseline_context_mean")}
         )
 
-    @torch.no_grad()
-    def update_metrics(self, metrics, images: torch.Tensor, labels: torch.Tensor) -> None:
-        pred, selected, positions, patch = self.predict(images)
-        loss, color = self._loss_and_color(pred, images, positions, patch)
-        o = self.options
-        patch_rgb = reduce(images, "b c (h p1) (w p2) -> b (h w) c", "mean", p1=patch, p2=patch)
-        true_color = take(color_class(patch_rgb, o.bits), positions)
-        # No-learning baselines, printed beside the model: (1) the most frequent colour class of the training
-        # patches; (2) per image, the colour class of the mean of its uncorrupted patches.
-        majority = self.train_color_counts.argmax()
-        keep = (~selected).float()[..., None]
-        context = color_class((patch_rgb * keep).sum(1) / keep.sum(1).clamp(min=1), o.bits)
-        weight = torch.tensor(float(color.numel()), device=images.device)
-        metrics["loss"].update(loss, weight)
-        metrics["color_accuracy"].update((color == true_color).float().mean(), weight)
-        metrics["baseline_majority"].update((true_color == majority).float().mean(), weight)
-        metrics["baseline_context_mean"].update((true_color == context[:, None]).float().mean(), weight)
+    def update_metrics(self, metrics, outputs: dict[str, torch.Tensor]) -> None:
+        # Every corrupted patch weighs the same (k per image), as in the training loss.
+        metrics["loss"].update(outputs["loss"])
+        metrics["color_accuracy"].update(outputs["correct"])
+        metrics["baseline_majority"].update(outputs["majority_hit"])
+        metrics["baseline_context_mean"].update(outputs["context_hit"])
 
     @torch.no_grad()
-    def on_evaluate(self, images: torch.Tensor, labels: torch.Tensor, out_dir: Path, step: int) -> Optional[Path]:
+    def on_evaluate(self, images: torch.Tensor, out_dir: Path, step: int) -> Optional[Path]:
         """A mosaic: per row, the image | its true mean-colour patches | the model's colours on the corrupted
         patches (uncorrupted patches shown at their true colour, darkened)."""
         from torchvision.utils import save_image
@@ -254,12 +253,10 @@ class MaskedPatch(Objective):
         images = images[: self.options.mosaic_images]
         if len(images) == 0:
             return None
-        pred, selected, positions, patch = self.predict(images)
-        _, color = self._loss_and_color(pred, images, positions, patch)
-        bits, side = self.options.bits, images.shape[-1] // patch
-        true = class_color(patch_targets(images, patch, "mean_color", bits), bits)
-        shown = true * 0.35
-        shown[selected] = class_color(color.flatten(), bits)
+        out = self(images).outputs
+        bits, side, patch = self.options.bits, images.shape[-1] // self.patch, self.patch
+        true = class_color(out["colors"], bits)
+        shown = (true * 0.35).scatter(1, out["positions"][..., None].expand(-1, -1, 3), class_color(out["predicted"], bits))
         tiles = [repeat(c, "b (h w) c -> b c (h p1) (w p2)", h=side, p1=patch, p2=patch) for c in (true, shown)]
         rows = rearrange([images.float(), *tiles], "t b c h w -> (b t) c h w")
         rows = F.interpolate(rows, scale_factor=max(1, 96 // images.shape[-1]), mode="nearest")

@@ -55,7 +55,7 @@ class Supervised(Objective):
         else:
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.options.label_smoothing)
         accuracy = (logits.argmax(-1) == labels).float().mean()
-        return StepOutput(loss, {"accuracy": accuracy.detach()})
+        return StepOutput(loss, {"accuracy": accuracy.detach()}, {"logits": logits.detach().float(), "labels": labels})
 
     def make_metrics(self) -> torchmetrics.MetricCollection:
         top_k = min(5, self.num_classes)
@@ -66,6 +66,5 @@ class Supervised(Objective):
             }
         )
 
-    @torch.no_grad()
-    def update_metrics(self, metrics, images: torch.Tensor, labels: torch.Tensor) -> None:
-        metrics.update(self.logits(images).float(), labels)
+    def update_metrics(self, metrics, outputs: dict[str, torch.Tensor]) -> None:
+        metrics.update(outputs["logits"], outputs["labels"])

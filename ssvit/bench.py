@@ -29,8 +29,10 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from objectives import get as get_objective
+from ssvit.config import TrainConfig
 from ssvit.data import TensorImages, augmentation, synthetic_images
 from ssvit.models import create_backbone, set_fused_attention
+from ssvit.train import make_optimizer, train_step
 
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 datasheet FLOP/s (SXM)
 
@@ -107,8 +109,7 @@ def count_flops(loss_fn, images, labels, device, precision) -> float:
 def input_pipeline_rate(img_size, batch_size, seconds=3.0) -> float:
     """Images/s of the training input pipeline alone (uint8 cache + random resized crop + flip, 1 process)."""
     images, labels = synthetic_images(2048, img_size)
-    ds = TensorImages(images, labels, img_size)
-    ds.augment = augmentation(img_size)
+    ds = TensorImages(images, labels, img_size, augment=augmentation(img_size))
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, drop_last=True)
     n, t = 0, time.perf_counter()
     while time.perf_counter() - t < seconds:
@@ -149,6 +150,60 @@ def peers(args, device):
     return out
 
 
+def ssvit_candidate(args, device, precision, images, labels, fused_optimizer):
+    """ssvit's own training step, as the loop runs it: the objective prepared by Accelerate at this precision,
+    timm's parameter groups, AdamW, gradient clipping at the default norm, through ssvit.train.train_step."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # Accelerate keeps one precision per process; the benchmark measures several in one run.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=device.type == "cpu")
+    torch.manual_seed(0)
+    objective_cls = get_objective(args.objective)
+    model = objective_cls(create_backbone(args.model, args.img_size, args.model_kwargs), 10, objective_cls.Options()).to(device)
+    if args.compile:  # the transformer blocks, where the time goes (the corruption hook stays eager)
+        model.backbone.blocks = torch.compile(model.backbone.blocks)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
+    fused = set_fused_attention(model, args.fused_attn, device.type, precision)
+    cfg = TrainConfig(objective=args.objective, fused_optimizer=fused_optimizer)
+    prepared, optimizer = accelerator.prepare(model, make_optimizer(model, cfg, cfg.lr, device.type))
+    x = images.contiguous(memory_format=fmt)
+
+    def step():
+        phases, last = {}, [time.perf_counter()]
+
+        def mark(phase):
+            sync(device)
+            now = time.perf_counter()
+            phases[f"{phase}_s"], last[0] = now - last[0], now
+
+        train_step(accelerator, prepared, optimizer, x, labels, cfg.max_grad_norm, mark)
+        return phases
+
+    flops = count_flops(lambda a, b: model(a, b).loss, x, labels, device, precision)
+    model.zero_grad(set_to_none=True)
+    return step, flops, fused
+
+
+def measure(step, flops_per_image: float, peak, args, device) -> dict:
+    """Images/s, FLOP/s, MFU, phase split and peak memory of one candidate's training step."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds, split = time_steps(step, device, windows=args.windows)
+    ips = args.batch_size / seconds
+    return {
+        "images_per_s": ips,
+        "flops_per_image": flops_per_image,
+        "achieved_flops": flops_per_image * ips,
+        "mfu": flops_per_image * ips / peak if peak else None,
+        "step_split_s": {"data_wait_s": 0.0, **split},
+        "peak_memory_mb": (torch.cuda.max_memory_allocated() if device.type == "cuda" else
+                           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,  # fmt: skip
+    }
+
+
 def run(args) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -156,15 +211,7 @@ def run(args) -> dict:
     labels = torch.randint(0, 10, (args.batch_size,), device=device)
     # The optimizer as training picks it (--fused_optimizer), the same for every candidate.
     fused_optimizer = args.fused_optimizer if args.fused_optimizer is not None else device.type == "cuda"
-    objective_cls = get_objective(args.objective)
-    model = objective_cls(create_backbone(args.model, args.img_size, args.model_kwargs), 10, objective_cls.Options()).to(device)
-    if args.compile:  # the transformer blocks, where the time goes (the corruption hook stays eager)
-        model.backbone.blocks = torch.compile(model.backbone.blocks)
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    model.to(memory_format=fmt)
-    candidates = {}
-    candidates[f"ssvit_{args.objective}"] = (lambda x, y: model(x.contiguous(memory_format=fmt), y).loss, list(model.parameters()))
-    candidates.update(peers(args, device))
+    candidates = peers(args, device)
     report = {
         "machine": platform.processor() or platform.machine(),
         "cpu": _cpu_name(),
@@ -183,32 +230,22 @@ def run(args) -> dict:
     }
     for precision in args.precision:
         # ssvit's attention path as training picks it (--fused_attn); the peers keep their defaults.
-        fused = set_fused_attention(model, args.fused_attn, device.type, precision)
+        ours = f"ssvit_{args.objective}"
+        ssvit_step, ssvit_flops, fused = ssvit_candidate(args, device, precision, images, labels, fused_optimizer)
         if device.type == "cuda":
             name = torch.cuda.get_device_name()
             peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
             peak_source = "datasheet dense bf16"
         else:
             peak, peak_source = matmul_peak(device, precision), f"measured {precision} matmul"
-        rows = {}
+        steps = {ours: (ssvit_step, ssvit_flops)}
         for name, (loss_fn, params) in candidates.items():
-            flops = count_flops(loss_fn, images, labels, device, precision) / args.batch_size
+            flops = count_flops(loss_fn, images, labels, device, precision)
             for p in params:
                 p.grad = None
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            seconds, split = time_steps(make_step(loss_fn, params, images, labels, device, precision, fused_optimizer), device, windows=args.windows)
-            ips = args.batch_size / seconds
-            rows[name] = {
-                "images_per_s": ips,
-                "flops_per_image": flops,
-                "achieved_flops": flops * ips,
-                "mfu": flops * ips / peak if peak else None,
-                "step_split_s": {"data_wait_s": 0.0, **split},
-                "peak_memory_mb": (torch.cuda.max_memory_allocated() if device.type == "cuda" else
-                                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,  # fmt: skip
-            }
-        ours = rows[f"ssvit_{args.objective}"]
+            steps[name] = (make_step(loss_fn, params, images, labels, device, precision, fused_optimizer), flops)
+        rows = {name: measure(step, flops / args.batch_size, peak, args, device) for name, (step, flops) in steps.items()}
+        ours = rows[ours]
         ratios = {
             "mfu": ours["mfu"],
             "time_vs_timm_supervised": rows["timm_supervised"]["images_per_s"] / ours["images_per_s"],

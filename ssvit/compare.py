@@ -12,24 +12,17 @@ Writes results.csv, results.md (mean and 95% confidence interval over seeds) and
 
 from __future__ import annotations
 
-import os
-import sys
+import csv
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
 
-if __package__ in (None, ""):  # run as a script: the repo root, not ssvit/, whose inspect.py would shadow the stdlib
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import yaml
 
-import csv  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import statistics  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Optional  # noqa: E402
-
-import yaml  # noqa: E402
-
-from ssvit.config import parse  # noqa: E402
-from ssvit.finetune import FINETUNE_DEFAULTS  # noqa: E402
+from ssvit.config import parse, preset, saved_config, saved_train_config
 
 
 @dataclass
@@ -79,10 +72,9 @@ def pretraining_flops(run_dir: Path) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ssvit.models import run_config_of
     from ssvit.train import build_objective
 
-    saved = run_config_of(run_dir)
+    saved = saved_config(run_dir)
     run = parse(["--config", str(run_dir / "config.yaml")])
     model = build_objective(run, num_classes=10)
     images = torch.rand(saved["batch_size"], 3, saved["img_size"], saved["img_size"])
@@ -114,10 +106,9 @@ def paired_difference(arm: dict, scratch: dict) -> Optional[tuple[float, float]]
 
 
 def run_study(study: Study) -> list[dict]:
-    from ssvit.evaluate import evaluate_backbone, representation_for
-    from ssvit.export import build_timm_model
     from ssvit.data import load_splits
-    from ssvit.config import TrainConfig
+    from ssvit.evaluate import evaluate_backbone, representation_for
+    from ssvit.models import build_timm_model
 
     root = Path(study.output_dir)
     base = flags(study.base)
@@ -132,8 +123,7 @@ def run_study(study: Study) -> list[dict]:
     for name, ckpt in pretrained.items():  # few-shot accuracy of each pretrained backbone (frozen)
         done = ckpt.parents[1] / "study_fewshot.json"  # like a run: computed once, read by later invocations
         if not done.exists():
-            saved = yaml.safe_load((ckpt / "config.yaml").read_text())
-            cfg = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
+            cfg = saved_train_config(ckpt)
             backbone, _ = build_timm_model(ckpt)
             few = evaluate_backbone(backbone, load_splits(cfg), representation_for(cfg.objective, "auto"), probe=False, max_train=5000)
             row = {"kind": "fewshot", "arm": name, "label_fraction": "", "seed": "",
@@ -148,7 +138,7 @@ def run_study(study: Study) -> list[dict]:
                 init = [] if arm == "scratch" else ["--init", str(pretrained[arm])]
                 argv = [*base, *init, *flags(study.finetune), "--label_fraction", str(fraction), "--seed", str(seed),
                         "--fewshot_steps", "0"]  # the label subset and the initialisation vary with the seed
-                result = run_once(argv, root / "runs" / name, defaults=FINETUNE_DEFAULTS)
+                result = run_once(argv, root / "runs" / name, defaults=preset("finetune"))
                 rows.append({"kind": "finetune", "arm": arm, "label_fraction": fraction, "seed": seed,
                              "pretrain_flops": next((r["pretrain_flops"] for r in rows if r["arm"] == arm), 0.0),
                              "top1": result["val/top1"], "top5": result.get("val/top5")})  # fmt: skip

@@ -9,9 +9,13 @@ addressed as ``--masked_patch.mask_ratio 0.15`` or, in YAML, ``masked_patch: {ma
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional
+
+import yaml
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
@@ -88,6 +92,8 @@ class TrainConfig:
     """Resume: 'latest' (the newest checkpoint in output_dir; a bare --resume means this) or a checkpoint path."""
 
     logging_steps: int = 10
+    evals: list[str] = field(default_factory=lambda: ["val", "fewshot"])
+    """Evaluators the loop runs (ssvit/evals.py): val (the objective's validation metrics and figure), fewshot."""
     eval_steps: int = 100
     """Evaluate on the validation split every N steps and at the end."""
     eval_batches: Optional[int] = None
@@ -160,3 +166,54 @@ def parse(argv: Optional[list[str]] = None, defaults: Optional[dict] = None, pro
     objective_cls = objectives.get(train.objective)
     options = objective_cls.Options(**vars(ns[train.objective]))
     return RunConfig(train, options, ns, parser)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Presets and saved runs
+
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def preset(name: str) -> dict:
+    """A preset of configs/ as flat parser defaults ({"lr": 0.01, "supervised.head": "linear", ...})."""
+    values = yaml.safe_load((CONFIGS_DIR / f"{name}.yaml").read_text())
+    flat = {}
+    for key, value in values.items():
+        if key in objectives.OBJECTIVES and isinstance(value, dict):
+            flat |= {f"{key}.{k}": v for k, v in value.items()}
+        else:
+            flat[key] = value
+    return flat
+
+
+def saved_config(checkpoint: str | Path) -> Optional[dict]:
+    """The config saved beside an ssvit checkpoint or its run (config.yaml), or beside an exported backbone
+    (timm's config.json), as a plain dict; None when there is none."""
+    p = Path(checkpoint)
+    folder = p if p.is_dir() else p.parent
+    for f in (folder, *folder.parents[:2]):
+        if (f / "config.yaml").exists():
+            return yaml.safe_load((f / "config.yaml").read_text())
+        if (f / "config.json").exists():
+            return json.loads((f / "config.json").read_text())
+    return None
+
+
+def saved_train_config(checkpoint: str | Path) -> TrainConfig:
+    """The TrainConfig of the run that wrote an ssvit checkpoint (keys a newer ssvit does not know are dropped)."""
+    saved = saved_config(checkpoint)
+    if saved is None or "model" not in saved:
+        raise FileNotFoundError(f"{checkpoint}: no config.yaml beside it; is it an ssvit checkpoint?")
+    return TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
+
+
+def finetune_defaults(argv: list[str]) -> dict:
+    """Parser defaults of ssvit/finetune.py: configs/finetune.yaml, then the architecture of --init."""
+    from ssvit.models import init_architecture
+
+    init = next((a.split("=", 1)[1] if "=" in a else argv[i + 1] for i, a in enumerate(argv) if a.split("=")[0] == "--init"), None)
+    if init is None and ("--help" in argv or "-h" in argv):
+        return preset("finetune")
+    if init is None:
+        raise SystemExit("finetune: --init is required (an ssvit checkpoint, an exported backbone folder, or timm:<name>).")
+    return {**preset("finetune"), **init_architecture(init)}

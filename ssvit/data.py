@@ -83,8 +83,25 @@ class Splits:
     train: "ImageDataset"
     val: "ImageDataset"
     num_classes: int
+    """0 for unlabeled data (self-supervised objectives train on it; labels are then -1)."""
     class_names: list[str]
     description: str
+    test: Optional["ImageDataset"] = None
+    """Held out for the numbers a study reports: the data's own test split, or --test_fraction of train."""
+
+
+SPLIT_PREFIXES = {"train": ("train",), "validation": ("validation", "valid", "val"), "test": ("test",)}
+
+
+def _split_files(folder: Path, suffix: str) -> dict[str, list[str]]:
+    """Files of each split in the hub layout (train-00000-of-00002.parquet, validation*.parquet, test*...)."""
+    files = {}
+    for split, prefixes in SPLIT_PREFIXES.items():
+        found = {str(f) for prefix in prefixes for f in folder.rglob(f"{prefix}*{suffix}")}
+        found -= {f for other in files.values() for f in other}  # "val*" also matches validation files
+        if found:
+            files[split] = sorted(found)
+    return files
 
 
 def _load_hf(spec: str):
@@ -92,39 +109,57 @@ def _load_hf(spec: str):
     import datasets
 
     kind, _, path = spec.partition(":")
+    p = Path(path)
     if kind == "parquet":
-        p = Path(path)
         if p.is_dir():
-            files = {}
-            for split, names in (("train", "train"), ("validation", "valid*"), ("test", "test")):
-                found = sorted(str(f) for f in p.rglob(f"{names}*.parquet"))
-                if found:
-                    files[split] = found
-            if not files:
-                raise FileNotFoundError(f"--data {spec}: no train*.parquet file under {p} (hub layout expected)")
+            files = _split_files(p, ".parquet")
+            if "train" not in files:
+                raise FileNotFoundError(f"--data {spec}: no train*.parquet file under {p} (hub layout expected: train-*.parquet, "
+                                        f"optionally validation-*.parquet and test-*.parquet)")  # fmt: skip
         elif p.is_file() or any(ch in path for ch in "*?["):
             files = {"train": path}
         else:
             raise FileNotFoundError(f"--data {spec}: {p} does not exist. Give a parquet file or a folder in the hub layout.")
         return datasets.load_dataset("parquet", data_files=files)
     if kind == "imagefolder":
-        if not Path(path).is_dir():
-            raise FileNotFoundError(f"--data {spec}: {path} is not a folder (expected DIR/<class>/<image>).")
-        return datasets.load_dataset("imagefolder", data_dir=path)
-    return datasets.load_dataset(spec)  # a hub name: needs internet
+        if not p.is_dir():
+            raise FileNotFoundError(f"--data {spec}: {path} is not a folder (expected DIR/<class>/<image>, or images in DIR).")
+        # Splits by folder (DIR/train/<class>/..., DIR/val/...) when DIR has them; otherwise everything is train.
+        # (datasets' own inference would take a file named like n02917067_bullet_train.JPEG for a split.)
+        subdirs = {d.name: d for d in p.iterdir() if d.is_dir()}
+        by_folder = {split: f"{subdirs[n]}/**" for split, names in SPLIT_PREFIXES.items() for n in names if n in subdirs}
+        return datasets.load_dataset("imagefolder", data_files=by_folder if "train" in by_folder else {"train": f"{p}/**"})
+    return _load_hub(spec)
 
 
-def _columns(ds, image_column: Optional[str], label_column: Optional[str]) -> tuple[str, str]:
+def _load_hub(name: str):
+    import datasets
+    import huggingface_hub
+
+    try:
+        return datasets.load_dataset(name)
+    except (ConnectionError, OSError, huggingface_hub.errors.HfHubHTTPError) as e:
+        if Path(name).exists():
+            raise ValueError(f"--data {name}: a local path needs its kind, e.g. --data imagefolder:{name} or parquet:{name}.") from e
+        raise ConnectionError(
+            f"--data {name}: the Hugging Face hub cannot be reached (or has no such dataset): {type(e).__name__}. Without "
+            f"network, download it elsewhere and give the files: --data parquet:DIR (hub layout) or imagefolder:DIR."
+        ) from e
+
+
+def _columns(ds, image_column: Optional[str], label_column: Optional[str]) -> tuple[str, Optional[str]]:
+    """The image column and the label column (None when the data has no labels and none was named)."""
     import datasets
 
     features = ds.features
+    named_label = label_column is not None
     if image_column is None:
         image_column = next((k for k, f in features.items() if isinstance(f, datasets.Image)), None)
     if label_column is None:
         label_column = next((k for k, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
         label_column = label_column or next((k for k in ("label", "labels", "fine_label") if k in features), None)
-    for role, col in (("image", image_column), ("label", label_column)):
-        if col is None or col not in features:
+    for role, col in (("image", image_column), ("label", label_column if named_label else "")):
+        if col is None or (col and col not in features):
             raise ValueError(
                 f"No {role} column {'named ' + repr(col) + ' ' if col else ''}in the data; its columns are "
                 f"{list(features)}. Name it with --{role}_column."
@@ -184,41 +219,89 @@ def _cached_images(ds, image_column: str, size: int, name: str, is_main: bool) -
     return images
 
 
-def load_splits(cfg, is_main: bool = True) -> Splits:
-    """Train and validation splits from cfg.data (see TrainConfig). Validation is held out of train when the
-    data has no validation split (seeded by cfg.split_seed, stratified by class)."""
-    size = cfg.img_size
-    if cfg.data.split(":")[0] == "synthetic":  # synthetic or synthetic:N (N images, 10% of them for validation)
-        n = int(cfg.data.partition(":")[2] or 10_000)
-        images, labels = synthetic_images(n, size, seed=1234)
-        n_val = n // 10
-        train_ds = TensorImages(images[n_val:], labels[n_val:], size)
-        val_ds = TensorImages(images[:n_val], labels[:n_val], size)
-        names, desc = list(SYNTHETIC_CLASSES), f"synthetic ({n - n_val:,} train / {n_val:,} val, built in)"
+def column(ds, name: Optional[str]) -> torch.Tensor:
+    """A whole integer column as an int64 tensor, read as one Arrow slice (ds[name] is read row by row in
+    datasets 5: 10 s for 50,000 labels)."""
+    if name is None:  # unlabeled data: every label is -1
+        return torch.full((len(ds),), -1, dtype=torch.long)
+    return torch.from_numpy(ds.select_columns([name]).with_format("arrow")[:][name].to_numpy().astype("int64"))
+
+
+def hold_out(ds, stratify: Optional[str], size: float | int, seed: int, what: str = "--val_fraction"):
+    """Hold `size` images (an int) or a fraction of ds out, seeded; stratified by the `stratify` column when
+    every class has at least two images, with at least one image of each class held out. Returns
+    (rest, held out, how)."""
+    n_out = size if isinstance(size, int) else math.ceil(size * len(ds))  # as datasets counts a fraction
+    how = f"{n_out:,} held out of train (seed {seed})"
+    if stratify is not None:
+        counts = torch.bincount(column(ds, stratify))
+        counts = counts[counts > 0]
+        if counts.min() < 2:
+            stratify, how = None, how + ", not stratified: some class has a single image"
+        elif n_out < len(counts):  # a stratified split holds out at least one image of each class
+            size = n_out = len(counts)
+            how = f"{n_out} held out of train, one per class (seed {seed})"
+    if not 0 < n_out < len(ds):
+        raise ValueError(f"{what} {size}: cannot hold {n_out} of {len(ds)} images out; give a value between 0 and 1 "
+                         f"that leaves images on both sides.")  # fmt: skip
+    parts = ds.train_test_split(test_size=size, seed=seed, stratify_by_column=stratify)
+    return parts["train"], parts["test"], how
+
+
+def _synthetic_splits(cfg) -> Splits:
+    """synthetic or synthetic:N: N images, the first 10% for validation, then --test_fraction for test."""
+    n, size = int(cfg.data.partition(":")[2] or 10_000), cfg.img_size
+    images, labels = synthetic_images(n, size, seed=1234)
+    n_val = n // 10
+    n_test = round((getattr(cfg, "test_fraction", None) or 0) * n)
+    part = lambda a, b: TensorImages(images[a:b], labels[a:b], size)  # noqa: E731
+    test = part(n_val, n_val + n_test) if n_test else None
+    desc = f"synthetic ({n - n_val - n_test:,} train / {n_val:,} val{f' / {n_test:,} test' if n_test else ''}, built in)"
+    return Splits(part(n_val + n_test, n), part(0, n_val), len(SYNTHETIC_CLASSES), list(SYNTHETIC_CLASSES), desc, test)
+
+
+def _hf_splits(cfg, is_main: bool) -> Splits:
+    dd = _load_hf(cfg.data)
+    image_col, label_col = _columns(dd["train"], cfg.image_column, cfg.label_column)
+    feature = dd["train"].features.get(label_col)
+    if label_col is None:
+        names = []
     else:
-        dd = _load_hf(cfg.data)
-        image_col, label_col = _columns(dd["train"], cfg.image_column, cfg.label_column)
-        feature = dd["train"].features[label_col]
-        names = list(getattr(feature, "names", None) or sorted(set(dd["train"][label_col])))
-        if "validation" in dd:
-            train_hf, val_hf, how = dd["train"], dd["validation"], "its validation split"
-        else:
-            stratify = label_col if hasattr(feature, "names") else None
-            parts = dd["train"].train_test_split(test_size=cfg.val_fraction, seed=cfg.split_seed, stratify_by_column=stratify)
-            train_hf, val_hf = parts["train"], parts["test"]
-            how = f"{cfg.val_fraction:.0%} of train held out (seed {cfg.split_seed})"
-        fits = len(dd["train"]) * 3 * size * size <= MAX_CACHE_BYTES
-        make = TensorImages.from_hf if fits else HFImages
-        train_ds = make(train_hf, image_col, label_col, size, name=f"{cfg.data} train", is_main=is_main)
-        val_ds = make(val_hf, image_col, label_col, size, name=f"{cfg.data} val", is_main=is_main)
-        desc = f"{cfg.data}: {len(train_ds):,} train / {len(val_ds):,} val ({how})"
+        names = [str(n) for n in getattr(feature, "names", None) or column(dd["train"], label_col).unique().tolist()]
+    stratify = label_col if hasattr(feature, "names") else None
+    train, notes = dd["train"], []
+    if "validation" in dd:
+        val, how = dd["validation"], "its validation split"
+    else:
+        train, val, how = hold_out(train, stratify, cfg.val_fraction, cfg.split_seed)
+    test, test_fraction = dd.get("test"), getattr(cfg, "test_fraction", None)
+    if test is not None:
+        notes.append("test: its test split")
+    elif test_fraction:  # held out after validation, so validation stays the same images with or without it
+        train, test, test_how = hold_out(train, stratify, round(test_fraction * len(dd["train"])), cfg.split_seed, "--test_fraction")
+        notes.append(f"test: {test_how}")
+    make = TensorImages.from_hf if len(dd["train"]) * 3 * cfg.img_size**2 <= MAX_CACHE_BYTES else HFImages
+    built = {k: make(v, image_col, label_col, cfg.img_size, name=f"{cfg.data} {k}", is_main=is_main)
+             for k, v in (("train", train), ("val", val), ("test", test)) if v is not None}  # fmt: skip
+    desc = f"{cfg.data}: {len(train):,} train / {len(val):,} val ({how}{'; ' if notes else ''}{'; '.join(notes)})"
+    if label_col is None:
+        desc += "; no labels"
+    return Splits(built["train"], built["val"], len(names), names, desc, built.get("test"))
+
+
+def load_splits(cfg, is_main: bool = True) -> Splits:
+    """Train, validation and (when there is one) test splits from cfg.data (see TrainConfig). Validation is
+    held out of train when the data has no validation split (seeded by cfg.split_seed, stratified by class)."""
+    splits = _synthetic_splits(cfg) if cfg.data.split(":")[0] == "synthetic" else _hf_splits(cfg, is_main)
+    train = splits.train
     if cfg.label_fraction is not None or cfg.samples_per_class is not None:
+        if not splits.num_classes:
+            raise ValueError("--label_fraction / --samples_per_class draw a class-balanced subset: the data has no labels.")
         # The subset varies with the run's seed; the validation split (split_seed) never does.
-        keep = _stratified_subset(train_ds.labels, getattr(cfg, "seed", 0), cfg.label_fraction, cfg.samples_per_class)
-        train_ds = train_ds.subset(keep)
-        desc += f"; training on a class-balanced subset of {len(train_ds):,}"
-    train_ds.augment = augmentation(size, cfg.crop_scale, cfg.hflip)
-    return Splits(train_ds, val_ds, len(names), names, desc)
+        train = train.subset(_stratified_subset(train.labels, getattr(cfg, "seed", 0), cfg.label_fraction, cfg.samples_per_class))
+        splits.description += f"; training on a class-balanced subset of {len(train):,}"
+    splits.train = train.augmented(augmentation(cfg.img_size, cfg.crop_scale, cfg.hflip), getattr(cfg, "seed", 0))
+    return splits
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -234,79 +317,91 @@ def augmentation(size: int, crop_scale=(0.35, 1.0), hflip: bool = True) -> v2.Co
 
 
 class ImageDataset(Dataset):
-    """Yields {"image": uint8 (3, S, S), "label": int}. Augmentation of item i in epoch e draws from an RNG
-    seeded by (seed, e, i), so the data a step sees is a function of the step alone: resuming mid-epoch
-    reproduces it exactly, whatever the loader prefetched before the interruption."""
+    """Yields {"image": uint8 (3, S, S), "label": int}; augmentation and its seed are fixed at construction.
 
-    augment: Optional[v2.Compose] = None
-    seed: int = 0
-    epoch: int = 0
+    Items are addressed by an index, or by (epoch, index) as EpochSampler yields them: the augmentation of item
+    i in epoch e draws from an RNG seeded by (seed, e, i), so the data a step sees is a function of the step
+    alone. Resuming mid-epoch reproduces it exactly, whatever the loader prefetched before the interruption,
+    and worker processes need no shared epoch counter."""
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _augmented(self, image: torch.Tensor, index: int) -> torch.Tensor:
-        if self.augment is None:
-            return image
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFF_FFFF_FFFF)
-            return self.augment(image)
-
-
-class TensorImages(ImageDataset):
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, size: int):
-        self.images, self.labels, self.size = images, labels, size
-
-    @classmethod
-    def from_hf(cls, ds, image_column, label_column, size, name, is_main=True):
-        labels = torch.as_tensor(ds[label_column], dtype=torch.long)
-        return cls(_cached_images(ds, image_column, size, name, is_main), labels, size)
-
-    def subset(self, indices: torch.Tensor) -> "TensorImages":
-        return TensorImages(self.images[indices], self.labels[indices], self.size)
+    def __init__(self, labels: torch.Tensor, size: int, augment: Optional[v2.Compose] = None, seed: int = 0):
+        self.labels, self.size, self.augment, self.seed = labels, size, augment, seed
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> dict:
-        return {"image": self._augmented(self.images[index], index), "label": self.labels[index]}
+    def augmented(self, augment: Optional[v2.Compose], seed: int = 0) -> "ImageDataset":
+        """The same images with another augmentation (None: as stored, for evaluation)."""
+        copy = self.__class__.__new__(self.__class__)
+        copy.__dict__.update(self.__dict__, augment=augment, seed=seed)
+        return copy
+
+    def _image(self, index: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __getitem__(self, key) -> dict:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        image = self._image(index)
+        if self.augment is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF)
+                image = self.augment(image)
+        elif image.shape[-2:] != (self.size, self.size):
+            image = v2.functional.center_crop(v2.functional.resize(image, self.size, antialias=True), self.size)
+        return {"image": image, "label": self.labels[index]}
+
+
+class TensorImages(ImageDataset):
+    """Images decoded once into a uint8 tensor (N, 3, S, S)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, size: int, augment=None, seed: int = 0):
+        super().__init__(labels, size, augment, seed)
+        self.images = images
+
+    @classmethod
+    def from_hf(cls, ds, image_column, label_column, size, name, is_main=True):
+        labels = column(ds, label_column)
+        return cls(_cached_images(ds, image_column, size, name, is_main), labels, size)
+
+    def subset(self, indices: torch.Tensor) -> "TensorImages":
+        return TensorImages(self.images[indices], self.labels[indices], self.size, self.augment, self.seed)
+
+    def _image(self, index: int) -> torch.Tensor:
+        return self.images[index]
 
 
 class HFImages(ImageDataset):
     """Decodes per sample, for datasets too large to cache at the training resolution."""
 
-    def __init__(self, ds, image_column, label_column, size, name="", is_main=True):
-        self.ds, self.image_column, self.size = ds, image_column, size
-        self.labels = torch.as_tensor(ds[label_column], dtype=torch.long)
-        self.resize = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
+    def __init__(self, ds, image_column, label_column, size, name="", is_main=True, augment=None, seed: int = 0):
+        super().__init__(column(ds, label_column), size, augment, seed)
+        self.ds, self.image_column = ds, image_column
 
     def subset(self, indices: torch.Tensor) -> "HFImages":
-        sub = HFImages.__new__(HFImages)
-        sub.__dict__.update(self.__dict__, ds=self.ds.select(indices.tolist()), labels=self.labels[indices])
+        sub = self.augmented(self.augment, self.seed)
+        sub.ds, sub.labels = self.ds.select(indices.tolist()), self.labels[indices]
         return sub
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> dict:
-        image = v2.functional.pil_to_tensor(self.ds[index][self.image_column].convert("RGB"))
-        image = self._augmented(image, index) if self.augment is not None else self.resize(image)
-        return {"image": image, "label": self.labels[index]}
+    def _image(self, index: int) -> torch.Tensor:
+        return v2.functional.pil_to_tensor(self.ds[index][self.image_column].convert("RGB"))
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """A seeded permutation per epoch (the dataset's epoch), so the order of every epoch is known on resume.
-    Yields num_samples indices (a whole number of global batches, so processes and accumulation split evenly)."""
+    """A seeded permutation per epoch, so the order of every epoch is known on resume (set_epoch, as torch's
+    DistributedSampler). Yields (epoch, index) keys, num_samples of them: a whole number of global batches, so
+    processes and accumulation split evenly."""
 
-    def __init__(self, dataset: ImageDataset, seed: int, num_samples: Optional[int] = None, shuffle: bool = True):
-        self.dataset, self.seed, self.shuffle = dataset, seed, shuffle
-        self.num_samples = len(dataset) if num_samples is None else num_samples
+    def __init__(self, size: int, seed: int, num_samples: Optional[int] = None):
+        self.size, self.seed, self.epoch = size, seed, 0
+        self.num_samples = size if num_samples is None else num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.num_samples
 
     def __iter__(self):
-        if not self.shuffle:
-            return iter(range(self.num_samples))
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.dataset.epoch)
-        return iter(torch.randperm(len(self.dataset), generator=g)[: self.num_samples].tolist())
+        epoch = self.epoch
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return iter([(epoch, i) for i in torch.randperm(self.size, generator=g)[: self.num_samples].tolist()])

@@ -9,27 +9,18 @@ the collected (N, D) features enter the solve, so a ViT-B/16 evaluates on CPU wi
 
 from __future__ import annotations
 
-import os
-import sys
-
-if __package__ in (None, ""):  # run as a script: the repo root, not ssvit/, whose inspect.py would shadow the stdlib
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import argparse
 import json
 import resource
 import time
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from einops import reduce
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-
-
-Representation = Literal["auto", "cls", "mean", "prelogits"]
 
 
 def representation_for(objective: str, requested: str) -> str:
@@ -65,8 +56,8 @@ def extract_features(backbone, dataset, representation: str, batch_size: int = 2
 
 
 def ridge_fit(x: torch.Tensor, targets: torch.Tensor, l2_reg: float) -> torch.Tensor:
-    """Closed-form regularised least squares with a bias: argmin_W |[x 1] W - targets|^2 + l2_reg |W_x|^2.
-    Solved in the dual when there are fewer samples than features (few-shot), the primal otherwise."""
+    """Closed-form regularised least squares with a bias: argmin_W |[x 1] W - targets|^2 + l2_reg |W_x|^2,
+    solved in the primal ((D+1) x (D+1) normal equations, float64)."""
     x = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)
     reg = torch.eye(x.shape[1], dtype=torch.float64) * l2_reg
     reg[-1, -1] = 0  # the bias is not regularised
@@ -133,15 +124,10 @@ def evaluate_backbone(backbone, splits, representation: str, shots=(1, 5, 10, 25
     cfg = getattr(backbone, "pretrained_cfg", {}) or {}
     mean = torch.tensor(cfg.get("mean", (0.5,) * 3), device=device).view(1, 3, 1, 1)
     std = torch.tensor(cfg.get("std", (0.5,) * 3), device=device).view(1, 3, 1, 1)
-    train = splits.train
-    augment, train.augment = train.augment, None
-    try:
-        if max_train is not None and len(train) > max_train:
-            train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:max_train].sort().values)
-            train.augment = None
-        tx, ty = extract_features(backbone, train, representation, batch_size, device, mean, std, desc="train features")
-    finally:
-        splits.train.augment = augment
+    train = splits.train.augmented(None)  # features of the images as stored, not augmented
+    if max_train is not None and len(train) > max_train:
+        train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:max_train].sort().values)
+    tx, ty = extract_features(backbone, train, representation, batch_size, device, mean, std, desc="train features")
     vx, vy = extract_features(backbone, splits.val, representation, batch_size, device, mean, std, desc="val features")
     k = splits.num_classes
     result = {"representation": representation, "train_images": len(ty), "val_images": len(vy)}
@@ -167,9 +153,9 @@ def format_table(result: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    from ssvit.config import TrainConfig
+    from ssvit.config import TrainConfig, saved_train_config
     from ssvit.data import load_splits
-    from ssvit.models import create_backbone, load_backbone_weights, read_state_dict, run_config_of
+    from ssvit.models import create_backbone, load_init
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--init", required=True, help="ssvit checkpoint folder, or timm:<name> (with --img_size and --data)")
@@ -189,20 +175,13 @@ def main(argv=None) -> dict:
     if args.init.startswith("timm:"):  # a timm model: its pretrained weights, or --random_init
         cfg = TrainConfig(objective="supervised", model=args.init[5:], model_kwargs={}, img_size=args.img_size or 224)
     else:
-        saved = run_config_of(args.init)
-        if saved is None:
-            raise FileNotFoundError(f"{args.init}: no config.yaml beside it; is it an ssvit checkpoint?")
-        cfg = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
+        cfg = saved_train_config(args.init)
     if args.data:
         cfg.data = args.data
     torch.manual_seed(0)  # a reproducible random initialisation for --random_init
     backbone = create_backbone(cfg.model, cfg.img_size, cfg.model_kwargs)
-    if args.init.startswith("timm:") and not args.random_init:
-        import timm
-
-        load_backbone_weights(backbone, timm.create_model(cfg.model, pretrained=True, num_classes=0).state_dict(), args.init)
-    elif not args.random_init:
-        load_backbone_weights(backbone, read_state_dict(args.init), args.init)
+    if not args.random_init:
+        load_init(backbone, args.init)
     splits = load_splits(cfg)
     rep = representation_for(cfg.objective, args.representation)
     result = {"checkpoint": "random initialisation" if args.random_init else str(args.init), "data": splits.description}

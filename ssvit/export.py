@@ -11,55 +11,13 @@ When the run kept EMA weights, those are exported (--no-ema for the raw weights)
 
 from __future__ import annotations
 
-import os
-import sys
-
-if __package__ in (None, ""):  # run as a script: the repo root, not ssvit/, whose inspect.py would shadow the stdlib
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import argparse
 import shutil
 from pathlib import Path
 
 import torch
 
-
-from ssvit.models import create_backbone, load_backbone_weights, read_state_dict, run_config_of  # noqa: E402
-
-
-def checkpoint_folder(path: str | Path) -> Path:
-    p = Path(path)
-    folder = p if p.is_dir() else p.parent
-    if not (folder / "model.safetensors").exists() or run_config_of(folder) is None:
-        raise ValueError(
-            f"{path} is not an ssvit checkpoint (expected a folder with model.safetensors and config.yaml, such as "
-            f"runs/<name>/checkpoints/step_001000)."
-        )
-    return folder
-
-
-def build_timm_model(checkpoint: str | Path, with_head: bool = False, use_ema: bool = True):
-    """The timm model held by an ssvit checkpoint, and the model_args that rebuild it."""
-    folder = checkpoint_folder(checkpoint)
-    cfg = run_config_of(folder)
-    weights = folder / ("ema.safetensors" if use_ema and (folder / "ema.safetensors").exists() else "model.safetensors")
-    state = read_state_dict(weights)
-    model_args = dict(cfg.get("model_kwargs") or {})
-    model = create_backbone(cfg["model"], cfg["img_size"], model_args)
-    if hasattr(model, "patch_embed"):
-        model_args["img_size"] = cfg["img_size"]
-    load_backbone_weights(model, state, str(weights))
-    if with_head:
-        if "head.weight" not in state or state["head.weight"].ndim != 2:
-            raise ValueError(
-                f"--with-head: {folder} has no linear classifier to export (objective {cfg['objective']!r}). Export the "
-                f"backbone (without --with-head), or export a checkpoint of ssvit/finetune.py."
-            )
-        model.reset_classifier(state["head.weight"].shape[0])
-        classifier = model.get_classifier()
-        classifier.weight.data.copy_(state["head.weight"].view_as(classifier.weight))  # ResNetV2's head is a 1x1 conv
-        classifier.bias.data.copy_(state["head.bias"])
-    return model.eval(), model_args
+from ssvit.models import build_timm_model
 
 
 def export(checkpoint, out, with_head=False, use_ema=True, overwrite=False, push_to_hub=None, onnx=False) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -116,14 +115,71 @@ def resample_pos_embed(pos_embed: torch.Tensor, backbone: nn.Module) -> torch.Te
     return resample_abs_pos_embed(pos_embed, new_size=list(backbone.patch_embed.grid_size), num_prefix_tokens=prefix)
 
 
-def run_config_of(checkpoint: str | Path) -> Optional[dict]:
-    """The config.yaml saved beside an ssvit checkpoint (or its run), if any."""
-    import yaml
+# ----------------------------------------------------------------------------------------------------------
+# --init: where a run's first weights come from
 
-    p = Path(checkpoint)
-    for folder in (p if p.is_dir() else p.parent, *(p if p.is_dir() else p.parent).parents[:2]):
-        if (folder / "config.yaml").exists():
-            return yaml.safe_load((folder / "config.yaml").read_text())
-        if (folder / "config.json").exists():
-            return json.loads((folder / "config.json").read_text())
-    return None
+
+def init_architecture(init: str) -> dict:
+    """The TrainConfig fields (model, model_kwargs, img_size) that rebuild the architecture of an --init source:
+    timm:<name>, an ssvit checkpoint (its config.yaml) or an exported backbone folder (timm's config.json)."""
+    from ssvit.config import saved_config
+
+    if init.startswith("timm:"):
+        return {"model": init[5:], "model_kwargs": {}}
+    saved = saved_config(init)
+    if saved is None:
+        raise FileNotFoundError(f"--init {init}: no config.yaml or config.json beside it; give --model explicitly.")
+    if "architecture" in saved:  # a timm folder (python -m ssvit.export)
+        model_args = dict(saved.get("model_args", {}))
+        size = model_args.pop("img_size", None) or saved.get("pretrained_cfg", {}).get("input_size", [0, 0, None])[-1]
+        return {"model": saved["architecture"], "model_kwargs": model_args, **({"img_size": size} if size else {})}
+    return {k: saved[k] for k in ("model", "model_kwargs", "img_size", "data") if k in saved}
+
+
+def load_init(backbone: nn.Module, init: str) -> None:
+    """Load --init into the backbone: timm:<name> (timm's pretrained weights, needs internet) or a path."""
+    if init.startswith("timm:"):
+        source = timm.create_model(init[5:], pretrained=True, num_classes=0).state_dict()
+    else:
+        source = read_state_dict(init)
+    load_backbone_weights(backbone, source, init)
+
+
+def checkpoint_folder(path: str | Path) -> Path:
+    """The folder of an ssvit checkpoint (model.safetensors beside a config.yaml), or a ValueError that says what is."""
+    from ssvit.config import saved_config
+
+    p = Path(path)
+    folder = p if p.is_dir() else p.parent
+    if not (folder / "model.safetensors").exists() or saved_config(folder) is None:
+        raise ValueError(
+            f"{path} is not an ssvit checkpoint (expected a folder with model.safetensors and config.yaml, such as "
+            f"runs/<name>/checkpoints/step_001000)."
+        )
+    return folder
+
+
+def build_timm_model(checkpoint: str | Path, with_head: bool = False, use_ema: bool = True) -> tuple[nn.Module, dict]:
+    """The plain timm model held by an ssvit checkpoint (EMA weights when kept), and the model_args that rebuild it."""
+    from ssvit.config import saved_config
+
+    folder = checkpoint_folder(checkpoint)
+    cfg = saved_config(folder)
+    weights = folder / ("ema.safetensors" if use_ema and (folder / "ema.safetensors").exists() else "model.safetensors")
+    state = read_state_dict(weights)
+    model_args = dict(cfg.get("model_kwargs") or {})
+    model = create_backbone(cfg["model"], cfg["img_size"], model_args)
+    if hasattr(model, "patch_embed"):
+        model_args["img_size"] = cfg["img_size"]
+    load_backbone_weights(model, state, str(weights))
+    if with_head:
+        if "head.weight" not in state or state["head.weight"].ndim != 2:
+            raise ValueError(
+                f"--with-head: {folder} has no linear classifier to export (objective {cfg['objective']!r}). Export the "
+                f"backbone (without --with-head), or export a checkpoint of ssvit/finetune.py."
+            )
+        model.reset_classifier(state["head.weight"].shape[0])
+        classifier = model.get_classifier()
+        classifier.weight.data.copy_(state["head.weight"].view_as(classifier.weight))  # ResNetV2's head is a 1x1 conv
+        classifier.bias.data.copy_(state["head.bias"])
+    return model.eval(), model_args

@@ -7,17 +7,10 @@
 
 from __future__ import annotations
 
-import os
-import sys
+from accelerate import PartialState
 
-if __package__ in (None, ""):  # run as a script: the repo root, not ssvit/, whose inspect.py would shadow the stdlib
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-from accelerate import PartialState  # noqa: E402
-
-from ssvit.config import parse  # noqa: E402
-from ssvit.train import train  # noqa: E402
+from ssvit.config import parse
+from ssvit.train import print_summary, train
 
 
 def main(argv=None) -> dict:
@@ -26,19 +19,6 @@ def main(argv=None) -> dict:
     if PartialState().is_main_process:
         print_summary(result, run.train.output_dir)
     return result
-
-
-def print_summary(result: dict, output_dir: str) -> None:
-    metrics = {k.removeprefix("val/"): v for k, v in result.items() if k.startswith("val/")}
-    print("\nValidation:", ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    ckpt = result["checkpoint"]
-    print(f"Checkpoint: {ckpt}")
-    print(f"Results:    {output_dir}/results.json, metrics.jsonl, figures/")
-    print("Next:")
-    print(f"  fine-tune: accelerate launch ssvit/finetune.py --init {ckpt}")
-    print(f"  evaluate:  python -m ssvit.evaluate --init {ckpt}")
-    print(f"  export:    python -m ssvit.export {ckpt} --out {output_dir}/exported")
-    print(f"  inspect:   python -m ssvit.inspect {ckpt} --out {output_dir}/inspect")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10" / "train.parquet"
+IMAGENET_SAMPLE = ROOT.parent / "shared" / "data" / "imagenet-sample"
 
 # A ViT small enough for 2 CPU cores: 16px images, 4px patches (16 tokens), 2 blocks of width 32.
 TINY_VIT = ["--model", "vit_tiny_patch16_224", "--img_size", "16",

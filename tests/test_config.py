@@ -86,7 +86,7 @@ def test_every_study_preset_parses_and_its_runs_take_valid_flags(path):
         parse([*flags(study.base), *flags({**study.pretrain, **extra})])
 
 
-@pytest.mark.parametrize("script", ["pretrain", "finetune", "compare", "evaluate", "export"])
+@pytest.mark.parametrize("script", ["pretrain", "finetune", "compare", "evaluate", "export", "figures", "bench"])
 def test_entry_scripts_run_as_files(script):
     """`accelerate launch ssvit/<script>.py` runs the file as a script: ssvit/ must not shadow the stdlib."""
     import subprocess

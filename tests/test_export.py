@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from ssvit.export import build_timm_model, main as export_main
+from ssvit.export import main as export_main
+from ssvit.models import build_timm_model
 from ssvit.pretrain import main as pretrain_main
 
 from conftest import tiny_args
@@ -77,7 +78,7 @@ def test_bad_input_is_refused_clearly(tmp_path):
 
 
 def test_mean_attention_distance_contracts():
-    from ssvit.inspect import mean_attention_distance
+    from ssvit.figures import mean_attention_distance
 
     grid, n = (3, 3), 9
     own = torch.eye(n).expand(2, 4, n, n)  # each head attends only to its own patch
@@ -88,7 +89,7 @@ def test_mean_attention_distance_contracts():
 
 
 def test_position_similarity_with_itself_is_one():
-    from ssvit.inspect import position_similarity
+    from ssvit.figures import position_similarity
 
     pos = torch.randn(1, 1 + 16, 8)
     sim = position_similarity(pos, 1, (4, 4))
@@ -99,7 +100,7 @@ def test_position_similarity_with_itself_is_one():
 def test_inspect_writes_the_four_figures_and_their_numbers(tmp_path):
     import json
 
-    from ssvit.inspect import main as inspect_main
+    from ssvit.figures import main as inspect_main
 
     pretrain_main(tiny_args(tmp_path, "--max_steps", "1", "--fewshot_steps", "0", "--data", "synthetic:300"))
     out = tmp_path / "inspect"

@@ -71,13 +71,12 @@ def test_checkpoints_fine_tune_end_to_end(checkpoints, tmp_path, objective):
 
 
 def test_fine_tuning_starts_from_a_zero_head_with_the_pretrained_backbone(checkpoints, tmp_path):
-    from ssvit.config import parse
-    from ssvit.finetune import FINETUNE_DEFAULTS, defaults_from_init
+    from ssvit.config import finetune_defaults, parse
     from ssvit.models import read_state_dict
     from ssvit.train import build_objective
 
     argv = ["--init", str(checkpoints["masked_patch"])]
-    run = parse(argv, defaults={**FINETUNE_DEFAULTS, **defaults_from_init(argv)})
+    run = parse(argv, defaults=finetune_defaults(argv))
     assert run.train.optimizer == "sgd" and run.train.weight_decay == 0 and run.train.max_grad_norm == 1.0
     model = build_objective(run, num_classes=10)
     assert (model.head.weight == 0).all() and (model.head.bias == 0).all()

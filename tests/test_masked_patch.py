@@ -58,7 +58,8 @@ def test_pixel_target_and_colour_decoding():
 def test_unselected_tokens_are_bit_identical_and_exactly_half_are_selected():
     torch.manual_seed(0)
     tokens = torch.randn(8, 64, 16)
-    out, selected, kind = corrupt(tokens, torch.zeros(16), 0.5, 0.8, 0.1)
+    out, selected, kind, positions = corrupt(tokens, torch.zeros(16), 0.5, 0.8, 0.1)
+    assert torch.equal(positions, selected.nonzero()[:, 1].view(8, 32))  # the selected patches, ascending
     assert (selected.sum(1) == 32).all()
     assert torch.equal(out[~selected], tokens[~selected])
     assert torch.equal(out[kind == 3], tokens[kind == 3])  # "unchanged" corrupted tokens too
@@ -69,19 +70,19 @@ def test_unselected_tokens_are_bit_identical_and_exactly_half_are_selected():
 def test_selection_rate_and_80_10_10_split_over_a_large_batch():
     torch.manual_seed(0)
     tokens = torch.randn(4096, 64, 4)  # CIFAR at patch 4: 64 patches
-    _, selected, kind = corrupt(tokens, torch.zeros(4), 0.5, 0.8, 0.1)
+    _, selected, kind, _ = corrupt(tokens, torch.zeros(4), 0.5, 0.8, 0.1)
     n_sel = selected.sum().item()
     assert abs(n_sel / selected.numel() - 0.5) < 0.01
     shares = [(kind == k).sum().item() / n_sel for k in (1, 2, 3)]
     assert abs(shares[0] - 0.8) < 0.01 and abs(shares[1] - 0.1) < 0.01 and abs(shares[2] - 0.1) < 0.01
-    _, selected15, _ = corrupt(tokens, torch.zeros(4), 0.15, 0.8, 0.1)
+    _, selected15, _, _ = corrupt(tokens, torch.zeros(4), 0.15, 0.8, 0.1)
     assert (selected15.sum(1) == round(0.15 * 64)).all()
 
 
 def test_random_replacement_is_another_patch_of_the_batch():
     torch.manual_seed(0)
     tokens = torch.arange(2 * 10, dtype=torch.float).view(2, 10, 1).expand(2, 10, 3).contiguous()
-    out, _, kind = corrupt(tokens, torch.full((3,), -1.0), 1.0, 0.0, 1.0)
+    out, _, kind, _ = corrupt(tokens, torch.full((3,), -1.0), 1.0, 0.0, 1.0)
     assert (kind == 2).all()
     assert not (out == tokens).all(-1).any()  # never the patch itself
     assert set(out[..., 0].flatten().tolist()) <= set(range(20))
@@ -128,7 +129,8 @@ def test_every_target_trains_and_reports_colour_accuracy(target):
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     assert 0 <= out.logs["color_accuracy"].item() <= 1
     metrics = model.make_metrics()
-    model.update_metrics(metrics, torch.rand(4, 3, 16, 16), None)
+    model.eval()
+    model.update_metrics(metrics, model(torch.rand(4, 3, 16, 16)).outputs)
     assert set(metrics.compute()) == {"loss", "color_accuracy", "baseline_majority", "baseline_context_mean"}
 
 
@@ -136,7 +138,7 @@ def test_context_mean_baseline_is_perfect_on_constant_images():
     model = tiny_objective().eval()
     metrics = model.make_metrics()
     images = torch.rand(6, 3, 1, 1).expand(6, 3, 16, 16).contiguous()
-    model.update_metrics(metrics, images, None)
+    model.update_metrics(metrics, model(images).outputs)
     assert metrics.compute()["baseline_context_mean"].item() == 1.0
 
 
@@ -157,5 +159,5 @@ def test_hybrid_vit_is_corrupted_in_embedding_space():
 
 def test_mosaic_is_written(tmp_path):
     model = tiny_objective().eval()
-    path = model.on_evaluate(torch.rand(4, 3, 16, 16), None, tmp_path, step=7)
+    path = model.on_evaluate(torch.rand(4, 3, 16, 16), tmp_path, step=7)
     assert path.exists() and path.stat().st_size > 0

@@ -11,7 +11,7 @@ from ssvit.train import seed_process
 
 accelerator = Accelerator(cpu=True)
 seed_process(0)  # what the training loop does before its first step
-_, selected, _ = corrupt(torch.zeros(8, 16, 4), torch.zeros(4), 0.5, 0.8, 0.1)
+_, selected, _, _ = corrupt(torch.zeros(8, 16, 4), torch.zeros(4), 0.5, 0.8, 0.1)
 everyone = accelerator.gather(selected[None].long())
 if accelerator.is_main_process:
     out = {"num_processes": accelerator.num_processes, "same": bool(torch.equal(everyone[0], everyone[-1]))}

@@ -1,6 +1,6 @@
 """Look inside a ViT checkpoint: the figures of the ViT paper's section 4.5 (figure 7), computed on real images.
 
-    python -m ssvit.inspect runs/cifar10_mpp_cpu/checkpoints/step_001500 --out inspect/mpp
+    python -m ssvit.figures runs/cifar10_mpp_cpu/checkpoints/step_001500 --out inspect/mpp
 
 Writes PNGs a person can open and the numbers behind each (JSON / .npy):
 1. patch_embedding_pca.png   the first principal components of the patch-embedding filters, as RGB patches
@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from ssvit.config import TrainConfig
-from ssvit.export import build_timm_model, checkpoint_folder
-from ssvit.models import run_config_of
+from ssvit.config import saved_train_config
+from ssvit.models import build_timm_model
 
 
 def patch_embedding_components(weight: torch.Tensor, n: int = 28) -> torch.Tensor:
@@ -91,9 +90,8 @@ def inspect_checkpoint(checkpoint, out, num_images: int = 64) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model, _ = build_timm_model(checkpoint)
     if not hasattr(model, "blocks"):
-        raise ValueError("ssvit.inspect draws ViT figures; this checkpoint's model has no transformer blocks (BiT).")
-    saved = run_config_of(checkpoint_folder(checkpoint))
-    cfg = TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
+        raise ValueError("ssvit.figures draws ViT figures; this checkpoint's model has no transformer blocks (BiT).")
+    cfg = saved_train_config(checkpoint)
     prefix, grid = model.num_prefix_tokens, tuple(model.patch_embed.grid_size)
     patch_px = cfg.img_size / grid[0]
     summary = {"checkpoint": str(checkpoint), "grid": grid, "patch_px": patch_px}

@@ -1,0 +1,93 @@
+"""Every preset in configs/ trains, as written, for a couple of steps with size overrides appended (big_vision's
+`runlocal`): the recipes users run are the recipes the tests exercise."""
+
+import json
+import sys
+
+import pytest
+import yaml
+
+from ssvit import compare, finetune, pretrain
+
+from conftest import CIFAR, IMAGENET_SAMPLE, ROOT, tiny_args
+
+PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
+# Shrink the model and the run, nothing else: data, objective, optimizer and schedule stay the preset's.
+TINY = {"max_steps": 2, "warmup_steps": 1, "eval_steps": 2, "save_steps": 2, "eval_batches": 1, "fewshot_steps": 0,
+        "report_to": [], "mixed_precision": "no", "cpu_threads": 1, "dataloader_num_workers": 0, "batch_size": 8}  # fmt: skip
+SHRINK_VIT = {"depth": 1, "embed_dim": 48, "num_heads": 3}
+# Data the tests can reach instead of a path on the user's machine.
+LOCAL_DATA = {"imagefolder:/data/imagenet": f"imagefolder:{IMAGENET_SAMPLE}"}
+
+
+def tiny(flags: dict) -> dict:
+    """The preset's flags with the run shrunk (ViTs to one narrow block; BiT keeps its architecture)."""
+    out = {**flags, **TINY}
+    if str(flags.get("model", "vit")).startswith("vit"):
+        out["model_kwargs"] = {**(flags.get("model_kwargs") or {}), **SHRINK_VIT}
+    out["data"] = LOCAL_DATA.get(flags.get("data"), flags.get("data", "synthetic"))
+    return out
+
+
+def needs_shared(data: str) -> None:
+    if ("cifar10" in data and not CIFAR.exists()) or ("imagenet-sample" in data and not IMAGENET_SAMPLE.exists()):
+        pytest.skip(f"../shared data for {data} not present")
+
+
+def argv(flags: dict) -> list[str]:
+    return compare.flags({k: v for k, v in flags.items() if k not in ("masked_patch", "supervised")}) + compare.flags(
+        {f"{o}.{k}": v for o in ("masked_patch", "supervised") for k, v in (flags.get(o) or {}).items()}
+    )
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_preset_trains_for_two_steps(path, tmp_path):
+    preset = yaml.safe_load(path.read_text())
+    if path.stem.startswith("compare_"):
+        run_study_preset(preset, tmp_path)
+        return
+    flags = tiny({k: v for k, v in preset.items()})
+    needs_shared(flags["data"])
+    flags["output_dir"] = str(tmp_path / "run")
+    if path.stem == "finetune":  # the fine-tuning preset starts from a pretrained checkpoint
+        pretrain.main(tiny_args(tmp_path / "pre", "--max_steps", "1", "--fewshot_steps", "0"))
+        init = str(tmp_path / "pre/run/checkpoints/step_000001")
+        flags.pop("model_kwargs")  # the architecture is the checkpoint's
+        result = finetune.main(["--init", init, *argv({**flags, "data": "synthetic:200"})])
+    else:
+        result = pretrain.main(["--config", str(path), *argv(flags)])
+    assert result["steps"] == 2
+    saved = yaml.safe_load((tmp_path / "run/config.yaml").read_text())
+    for key in ("objective", "optimizer", "lr", "weight_decay", "lr_scheduler_type", "img_size"):
+        if key in preset:
+            assert saved[key] == preset[key], key  # the preset's recipe ran, not the defaults
+    assert json.loads((tmp_path / "run/results.json").read_text())["steps"] == 2
+
+
+def run_study_preset(study: dict, tmp_path) -> None:
+    base = tiny(study["base"])
+    needs_shared(base["data"])
+    tiny_study = {
+        **study,
+        "output_dir": str(tmp_path / "study"),
+        "base": base,
+        "pretrain": {**study["pretrain"], **{k: TINY[k] for k in ("max_steps", "warmup_steps", "batch_size")}},
+        "finetune": {**study["finetune"], **{k: TINY[k] for k in ("max_steps", "warmup_steps", "batch_size")}},
+        "label_fractions": study["label_fractions"][:1],
+        "seeds": study["seeds"][:1],
+        "ablations": dict(list(study.get("ablations", {}).items())[:1]),
+    }
+    for name, extra in tiny_study["ablations"].items():
+        tiny_study["ablations"][name] = {**extra, **{k: TINY[k] for k in ("max_steps", "warmup_steps") if k in extra}}
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(tiny_study))
+    rows = compare.main(["--config", str(config)])
+    assert len([r for r in rows if r["kind"] == "finetune"]) == 3  # scratch, supervised, masked patch
+    assert (tmp_path / "study/results.md").exists()
+
+
+def test_no_module_of_ssvit_shadows_the_standard_library():
+    """`accelerate launch ssvit/pretrain.py` puts ssvit/ first on sys.path: a module there named like a
+    standard-library one (inspect.py once) would replace it for every import."""
+    modules = {p.stem for p in (ROOT / "ssvit").glob("*.py")}
+    assert not modules & set(sys.stdlib_module_names)
