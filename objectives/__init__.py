@@ -10,6 +10,7 @@ import importlib
 import pkgutil
 
 from objectives.base import Objective, StepOutput
+from ssvit.errors import UsageError
 
 OBJECTIVES: dict[str, type[Objective]] = {}
 
@@ -32,7 +33,7 @@ def _import_all() -> None:
 
 def get(name: str) -> type[Objective]:
     if name not in OBJECTIVES:
-        raise ValueError(f"Unknown objective {name!r}. Available objectives are: {', '.join(sorted(OBJECTIVES))}.")
+        raise UsageError(f"Unknown objective {name!r}. Available objectives are: {', '.join(sorted(OBJECTIVES))}.")
     return OBJECTIVES[name]
 
 

@@ -45,6 +45,10 @@ class Objective(nn.Module):
     class Options:
         pass
 
+    @classmethod
+    def check_options(cls, cfg, options) -> None:
+        """Optional: refuse bad options at start-up (before data or model), with a message that names the fix."""
+
     def __init__(self, backbone: nn.Module, num_classes: int, options: Options):
         super().__init__()
         self.backbone = backbone

@@ -9,6 +9,7 @@ patch (``target``), and a 15% corruption rate, which was slightly worse (``mask_
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -21,6 +22,7 @@ from torch import nn
 
 from objectives import register
 from objectives.base import Objective, StepOutput, mlp_tanh_head
+from ssvit.errors import UsageError
 
 
 def quantize(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -52,7 +54,7 @@ def patch_targets(images: torch.Tensor, patch: int, target: str, bits: int = 3, 
         return color_class(reduce(images, "b c (h p1) (w p2) -> b (h w) c", "mean", p1=patch, p2=patch), bits)
     if target == "downsampled":
         if patch % grid:
-            raise ValueError(f"target=downsampled needs the patch size ({patch}px) to be a multiple of grid={grid}")
+            raise UsageError(f"target=downsampled needs the patch size ({patch}px) to be a multiple of grid={grid}")
         cells = reduce(
             images, "b c (h g1 q1) (w g2 q2) -> b (h w) (g1 g2) c", "mean", g1=grid, g2=grid, q1=patch // grid, q2=patch // grid
         )
@@ -147,19 +149,33 @@ class MaskedPatch(Objective):
     # masked-patch pretraining, and fine-tuning drops the head in both cases. A linear head puts more
     # colour-specific work into the last blocks; `head: linear` is there to compare.
 
+    @classmethod
+    def check_options(cls, cfg, options: Options) -> None:
+        o = options
+        if not 0 < o.mask_ratio <= 1:
+            raise UsageError(f"--masked_patch.mask_ratio {o.mask_ratio}: the share of patches corrupted must be in (0, 1] (paper: 0.5).")
+        if o.mask_token_prob < 0 or o.random_patch_prob < 0 or o.mask_token_prob + o.random_patch_prob > 1:
+            raise UsageError("--masked_patch.mask_token_prob and random_patch_prob must be >= 0 and sum to at most 1 (paper: 0.8, 0.1).")
+        # Patches per image, when the name or model_kwargs say the patch size (timm names: ..._patch16_..., hybrids _s16_).
+        found = re.search(r"patch(\d+)|_s(\d+)_", cfg.model)
+        patch = (cfg.model_kwargs or {}).get("patch_size") or (found and int(found.group(1) or found.group(2)))
+        if patch and not cfg.model.split("_")[1:2] == ["r"] and round(o.mask_ratio * (cfg.img_size // patch) ** 2) < 1:
+            raise UsageError(f"--masked_patch.mask_ratio {o.mask_ratio} corrupts round({o.mask_ratio} x {(cfg.img_size // patch) ** 2}) = 0 "
+                             f"patches per image at --img_size {cfg.img_size} with {patch}px patches: raise it.")  # fmt: skip
+
     def __init__(self, backbone: nn.Module, num_classes: int, options: Options):
         super().__init__(backbone, num_classes, options)
         if not hasattr(backbone, "patch_embed") or not hasattr(backbone, "num_prefix_tokens"):
-            raise ValueError(
+            raise UsageError(
                 f"masked_patch needs a model with patch tokens (a timm VisionTransformer or a hybrid R50+ViT); "
                 f"{type(backbone).__name__} has none (BiT/ResNet models are convolutional). "
                 f"Use --objective supervised for it, or a ViT such as --model vit_tiny_patch16_224."
             )
         o = options
         if not (0 < o.mask_ratio <= 1 and o.mask_token_prob >= 0 and o.random_patch_prob >= 0):
-            raise ValueError(f"masked_patch: need 0 < mask_ratio <= 1 and non-negative probabilities, got {o}")
+            raise UsageError(f"masked_patch: need 0 < mask_ratio <= 1 and non-negative probabilities, got {o}")
         if o.mask_token_prob + o.random_patch_prob > 1:
-            raise ValueError("masked_patch: mask_token_prob + random_patch_prob must be at most 1")
+            raise UsageError("masked_patch: mask_token_prob + random_patch_prob must be at most 1")
         dim = backbone.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)

@@ -8,10 +8,14 @@ process's RNG state) plus ``trainer_state.json``, ``config.yaml`` and ``ema.safe
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import shutil
+import socket
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -19,7 +23,89 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 from ssvit.config import RunConfig, TrainConfig
+from ssvit.errors import UsageError
 from ssvit.models import check_compatible, read_state_dict
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run folder belongs to one run at a time
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def hold_folder(output_dir: Path, is_main: bool):
+    """Hold output_dir for this run: output_dir/run.lock names the owner's pid and host. A second run into the
+    folder is refused; a lock left by a dead process of this host is taken over, with a message."""
+    lock = output_dir / "run.lock"
+    if not is_main:
+        yield
+        return
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _attempt in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                break
+            except FileExistsError:
+                owner = json.loads(lock.read_text() or "{}")
+                if owner.get("host") != me["host"] or _alive(owner.get("pid", -1)):
+                    raise UsageError(
+                        f"--output_dir {output_dir} is in use by another run (pid {owner.get('pid')} on {owner.get('host')}, "
+                        f"started {owner.get('started')}). Choose another --output_dir, or wait for that run to end "
+                        f"(if it is gone for sure, delete {lock})."
+                    ) from None
+                print(f"Taking over {output_dir}: the run that held it (pid {owner.get('pid')}) is no longer running.")
+                lock.unlink(missing_ok=True)
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+    except OSError as e:
+        raise UsageError(f"--output_dir {output_dir} cannot be written ({e.strerror or e}): choose a folder you can write to.") from None
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep the lines of metrics.jsonl up to `step`, where a resumed run continues (a fresh run: step 0), and
+    drop a line cut by a kill mid-write: every step is then logged once."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if line.endswith("\n") and json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass
+    path.write_text("".join(kept))
+
+
+@contextmanager
+def _written(tmp: Path, what: str, kept: Optional[Path]):
+    """Writing a checkpoint into `tmp`: on a full disk (or any failed write) remove the partial folder and say
+    so, keeping the previous checkpoint."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = getattr(e, "errno", None) == errno.ENOSPC or "unexpected pos" in str(e) or shutil.disk_usage(tmp.parent).free < 2**20
+        if not full:
+            raise
+        raise UsageError(
+            f"The disk is full: writing {what} to {tmp.parent} failed ({e}). The partial {tmp.name} was removed; the "
+            f"previous checkpoint {kept or '(none)'} is kept. Free some space (or lower --save_total_limit), then --resume."
+        ) from None
 
 
 def checkpoints_in(output_dir: Path) -> list[Path]:
@@ -55,12 +141,14 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, ema, 
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with _written(tmp, f"checkpoint step {step}", (checkpoints_in(output_dir) or [None])[-1]):
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+            (tmp / "config.yaml").write_text(run.dump())
+            if ema is not None:
+                save_file(_state(ema.module), tmp / "ema.safetensors")
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
-        (tmp / "config.yaml").write_text(run.dump())
-        if ema is not None:
-            save_file(_state(ema.module), tmp / "ema.safetensors")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -94,10 +182,11 @@ def save_best(accelerator: Accelerator, model, output_dir: Path, step: int, metr
     if accelerator.is_main_process:
         tmp, final = output_dir / "best.tmp", output_dir / "best"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(_state(model), tmp / "model.safetensors")
-        (tmp / "config.yaml").write_text(run.dump())
-        (tmp / "best.json").write_text(json.dumps(best) + "\n")
+        with _written(tmp, "the best weights", final if final.exists() else None):
+            tmp.mkdir(parents=True)
+            save_file(_state(model), tmp / "model.safetensors")
+            (tmp / "config.yaml").write_text(run.dump())
+            (tmp / "best.json").write_text(json.dumps(best) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     return best

@@ -198,7 +198,7 @@ def write_report(rows: list[dict], root: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> list[dict]:
+def run_command(argv=None) -> list[dict]:
     from jsonargparse import ArgumentParser, ActionConfigFile
 
     p = ArgumentParser(prog="ssvit-compare", description=__doc__.splitlines()[0])
@@ -209,6 +209,13 @@ def main(argv=None) -> list[dict]:
     rows = run_study(study)
     print((Path(study.output_dir) / "results.md").read_text())
     return rows
+
+
+def main(argv=None):
+    from ssvit.errors import user_errors
+
+    with user_errors("ssvit-compare", cli=argv is None):
+        return run_command(argv)
 
 
 if __name__ == "__main__":

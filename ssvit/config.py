@@ -20,6 +20,10 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 import objectives
+from ssvit.errors import UsageError
+
+DEFAULT_MODEL_KWARGS = {"vit_tiny_patch16_224": {"patch_size": 4, "depth": 6}}
+"""model_kwargs of the default model when none are given: the quick start's ViT-Ti/4 with 6 blocks at 32 px."""
 
 
 @dataclass
@@ -30,8 +34,9 @@ class TrainConfig:
     """Training objective, a name registered in objectives/ (masked_patch, supervised, ...)."""
     model: str = "vit_tiny_patch16_224"
     """Any timm model name: vit_*, resnetv2_*_bit, hybrid vit_*_r50_* ..."""
-    model_kwargs: dict = field(default_factory=lambda: {"patch_size": 4, "depth": 6})
-    """Keyword overrides for timm.create_model, e.g. {patch_size: 4, depth: 6} (the quick start's ViT-Ti/4, 6 blocks)."""
+    model_kwargs: Optional[dict] = None
+    """Keyword overrides for timm.create_model, e.g. {patch_size: 4, depth: 6}. Unset: the quick start's ViT-Ti/4
+    with 6 blocks ({patch_size: 4, depth: 6}) for the default --model, nothing ({}) for any other model."""
     img_size: int = 32
     """Training resolution in pixels (square)."""
     init: Optional[str] = None
@@ -46,6 +51,9 @@ class TrainConfig:
     """Label column; detected (a ClassLabel feature) when unset."""
     val_fraction: float = 0.02
     """Share of train held out for validation when the data has no validation split (ViT paper: 2%)."""
+    test_fraction: Optional[float] = None
+    """Share of train held out as a test split when the data has none (after validation, disjoint from it): the
+    split a study reports, never used for a choice. Evaluated once at the end of a run (results.json: test/*)."""
     split_seed: int = 0
     """Seed of the held-out validation split: keep it fixed across runs so that they compare."""
     label_fraction: Optional[float] = None
@@ -135,7 +143,8 @@ def _flag_aliases(argv: list[str]) -> list[str]:
 
 
 def build_parser(defaults: Optional[dict] = None, prog: Optional[str] = None) -> ArgumentParser:
-    parser = ArgumentParser(prog=prog, description=__doc__.splitlines()[0], exit_on_error=True)
+    # No abbreviations: --max_step must not silently mean --max_steps.
+    parser = ArgumentParser(prog=prog, description=__doc__.splitlines()[0], exit_on_error=True, allow_abbrev=False)
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML preset, e.g. configs/cifar10_mpp_cpu.yaml")
     parser.add_class_arguments(TrainConfig, fail_untyped=True, sub_configs=True)
     for name, objective in objectives.OBJECTIVES.items():
@@ -161,11 +170,45 @@ class RunConfig:
 def parse(argv: Optional[list[str]] = None, defaults: Optional[dict] = None, prog: Optional[str] = None) -> RunConfig:
     parser = build_parser(defaults, prog)
     ns = parser.parse_args(_flag_aliases(sys.argv[1:] if argv is None else list(argv)))
+    if ns.model_kwargs is None:  # defaults that belong to one architecture apply to it only
+        ns.model_kwargs = dict(DEFAULT_MODEL_KWARGS.get(ns.model, {}))
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     train = TrainConfig(**{k: v for k, v in vars(ns).items() if k in train_keys})
     objective_cls = objectives.get(train.objective)
     options = objective_cls.Options(**vars(ns[train.objective]))
+    check(train)
+    objective_cls.check_options(train, options)
     return RunConfig(train, options, ns, parser)
+
+
+def check(cfg: TrainConfig) -> None:
+    """Refuse a bad configuration at start-up, before any data is read or model built, naming every problem."""
+    problems = []
+    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_steps",
+                 "save_total_limit", "img_size"):  # fmt: skip
+        if getattr(cfg, name) < 1:
+            problems.append(f"--{name} {getattr(cfg, name)}: must be a positive whole number.")
+    if not cfg.lr > 0:
+        problems.append(f"--lr {cfg.lr}: the peak learning rate must be positive.")
+    for name in ("val_fraction", "test_fraction", "label_fraction"):
+        value = getattr(cfg, name)
+        if value is not None and not 0 < value < (1 if name != "label_fraction" else 1 + 1e-9):
+            problems.append(f"--{name} {value}: must be a fraction between 0 and 1.")
+    if cfg.warmup_steps < 0 or cfg.weight_decay < 0 or (cfg.max_grad_norm is not None and cfg.max_grad_norm <= 0):
+        problems.append("--warmup_steps and --weight_decay must be >= 0 and --max_grad_norm > 0 (or null to disable clipping).")
+    if cfg.init and not cfg.init.startswith("timm:"):
+        from ssvit.models import read_state_dict
+
+        if not Path(cfg.init).exists():
+            problems.append(f"--init {cfg.init}: no such file or folder. Give an ssvit checkpoint folder "
+                            f"(runs/<name>/checkpoints/step_NNNNNN), an exported backbone folder, or timm:<name>.")  # fmt: skip
+        else:
+            try:
+                read_state_dict(cfg.init, header_only=True)
+            except (UsageError, FileNotFoundError) as e:
+                problems.append(str(e))
+    if problems:
+        raise UsageError("\n".join(problems))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -215,5 +258,5 @@ def finetune_defaults(argv: list[str]) -> dict:
     if init is None and ("--help" in argv or "-h" in argv):
         return preset("finetune")
     if init is None:
-        raise SystemExit("finetune: --init is required (an ssvit checkpoint, an exported backbone folder, or timm:<name>).")
+        raise UsageError("--init is required (an ssvit checkpoint, an exported backbone folder, or timm:<name>).")
     return {**preset("finetune"), **init_architecture(init)}

@@ -19,6 +19,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
+from ssvit.errors import UsageError
+
 CACHE_DIR = Path(os.environ.get("SSVIT_CACHE", Path.home() / ".cache" / "ssvit"))
 MAX_CACHE_BYTES = 4 * 2**30
 
@@ -140,7 +142,7 @@ def _load_hub(name: str):
         return datasets.load_dataset(name)
     except (ConnectionError, OSError, huggingface_hub.errors.HfHubHTTPError) as e:
         if Path(name).exists():
-            raise ValueError(f"--data {name}: a local path needs its kind, e.g. --data imagefolder:{name} or parquet:{name}.") from e
+            raise UsageError(f"--data {name}: a local path needs its kind, e.g. --data imagefolder:{name} or parquet:{name}.") from e
         raise ConnectionError(
             f"--data {name}: the Hugging Face hub cannot be reached (or has no such dataset): {type(e).__name__}. Without "
             f"network, download it elsewhere and give the files: --data parquet:DIR (hub layout) or imagefolder:DIR."
@@ -160,7 +162,7 @@ def _columns(ds, image_column: Optional[str], label_column: Optional[str]) -> tu
         label_column = label_column or next((k for k in ("label", "labels", "fine_label") if k in features), None)
     for role, col in (("image", image_column), ("label", label_column if named_label else "")):
         if col is None or (col and col not in features):
-            raise ValueError(
+            raise UsageError(
                 f"No {role} column {'named ' + repr(col) + ' ' if col else ''}in the data; its columns are "
                 f"{list(features)}. Name it with --{role}_column."
             )
@@ -192,7 +194,7 @@ def _decode_all(ds, image_column: str, size: int, name: str) -> torch.Tensor:
             img = Image.open(_image_source(item[image_column])).convert("RGB")
         except Exception as e:
             where = item[image_column].get("path") or f"row {i}"
-            raise ValueError(f"Could not decode the image at {where} of {name}: {e}. Remove or fix the file.") from e
+            raise UsageError(f"Could not decode the image at {where} of {name}: {e}. Remove or fix the file.") from e
         t = v2.functional.pil_to_tensor(img)
         out[i] = t if t.shape[-2:] == (size, size) else resize(t)
     return out
@@ -242,7 +244,7 @@ def hold_out(ds, stratify: Optional[str], size: float | int, seed: int, what: st
             size = n_out = len(counts)
             how = f"{n_out} held out of train, one per class (seed {seed})"
     if not 0 < n_out < len(ds):
-        raise ValueError(f"{what} {size}: cannot hold {n_out} of {len(ds)} images out; give a value between 0 and 1 "
+        raise UsageError(f"{what} {size}: cannot hold {n_out} of {len(ds)} images out; give a value between 0 and 1 "
                          f"that leaves images on both sides.")  # fmt: skip
     parts = ds.train_test_split(test_size=size, seed=seed, stratify_by_column=stratify)
     return parts["train"], parts["test"], how
@@ -296,7 +298,7 @@ def load_splits(cfg, is_main: bool = True) -> Splits:
     train = splits.train
     if cfg.label_fraction is not None or cfg.samples_per_class is not None:
         if not splits.num_classes:
-            raise ValueError("--label_fraction / --samples_per_class draw a class-balanced subset: the data has no labels.")
+            raise UsageError("--label_fraction / --samples_per_class draw a class-balanced subset: the data has no labels.")
         # The subset varies with the run's seed; the validation split (split_seed) never does.
         train = train.subset(_stratified_subset(train.labels, getattr(cfg, "seed", 0), cfg.label_fraction, cfg.samples_per_class))
         splits.description += f"; training on a class-balanced subset of {len(train):,}"

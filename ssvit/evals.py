@@ -22,9 +22,9 @@ def _forked_rng(accelerator):
 
 
 @torch.no_grad()
-def objective_metrics(state, model, prefix: str = "") -> dict:
-    """The objective's metrics on the validation split, each process on its shard of the prepared loader;
-    step outputs are gathered (gather_for_metrics drops the padding of the last batch) and scored everywhere."""
+def objective_metrics(state, model, prefix: str = "val/", loader=None) -> dict:
+    """The objective's metrics on the validation split (or `loader`'s), each process on its shard of the prepared
+    loader; step outputs are gathered (gather_for_metrics drops the padding of the last batch) and scored everywhere."""
     accelerator, cfg = state.accelerator, state.cfg
     metrics = model.make_metrics().to(accelerator.device)
     for metric in metrics.values():
@@ -33,12 +33,12 @@ def objective_metrics(state, model, prefix: str = "") -> dict:
     model.eval()
     with _forked_rng(accelerator), accelerator.autocast():
         torch.manual_seed(cfg.seed + 1)
-        for i, batch in enumerate(state.val_loader):
-            if cfg.eval_batches is not None and i >= cfg.eval_batches:
+        for i, batch in enumerate(state.val_loader if loader is None else loader):
+            if cfg.eval_batches is not None and i >= cfg.eval_batches and loader is None:
                 break
             out = model(batch["image"].float().div_(255), batch["label"])
             model.update_metrics(metrics, accelerator.gather_for_metrics(out.outputs))
-        result = {f"val/{prefix}{k}": float(v) for k, v in metrics.compute().items()}
+        result = {f"{prefix}{k}": float(v) for k, v in metrics.compute().items()}
     model.train(was_training)
     return result
 
@@ -48,7 +48,7 @@ def validate(state, step: int) -> dict:
     accelerator = state.accelerator
     result = objective_metrics(state, state.unwrapped)
     if state.ema is not None:
-        result |= objective_metrics(state, state.ema.module, prefix="ema_")
+        result |= objective_metrics(state, state.ema.module, prefix="val/ema_")
     if accelerator.is_main_process:
         val = state.splits.val
         first = torch.stack([val[i]["image"] for i in range(min(16, len(val)))]).to(accelerator.device)
@@ -79,6 +79,17 @@ def fewshot(state, step: int) -> dict:
         model.train(was_training)
         result = {f"val/{k}": v for k, v in out.items() if k.startswith("fewshot") and not k.endswith("_std")}
     accelerator.wait_for_everyone()
+    return result
+
+
+def test(state) -> dict:
+    """The objective's metrics on the test split, once, at the end of a run (every batch): the numbers a study
+    reports, from a split that no choice was made on. The EMA weights' too, when kept."""
+    if state.test_loader is None:
+        return {}
+    result = objective_metrics(state, state.unwrapped, "test/", state.test_loader)
+    if state.ema is not None:
+        result |= objective_metrics(state, state.ema.module, "test/ema_", state.test_loader)
     return result
 
 

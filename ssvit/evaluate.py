@@ -152,7 +152,7 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
+def run_command(argv=None) -> dict:
     from ssvit.config import TrainConfig, saved_train_config
     from ssvit.data import load_splits
     from ssvit.models import create_backbone, load_init
@@ -200,6 +200,13 @@ def main(argv=None) -> dict:
     print(format_table(result))
     print(f"\nWritten: {out} and {out.with_suffix('.md')}")
     return result
+
+
+def main(argv=None):
+    from ssvit.errors import user_errors
+
+    with user_errors("ssvit-evaluate", cli=argv is None):
+        return run_command(argv)
 
 
 if __name__ == "__main__":

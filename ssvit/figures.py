@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ssvit.config import saved_train_config
+from ssvit.errors import UsageError
 from ssvit.models import build_timm_model
 
 
@@ -90,7 +91,7 @@ def inspect_checkpoint(checkpoint, out, num_images: int = 64) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model, _ = build_timm_model(checkpoint)
     if not hasattr(model, "blocks"):
-        raise ValueError("ssvit.figures draws ViT figures; this checkpoint's model has no transformer blocks (BiT).")
+        raise UsageError("ssvit.figures draws ViT figures; this checkpoint's model has no transformer blocks (BiT).")
     cfg = saved_train_config(checkpoint)
     prefix, grid = model.num_prefix_tokens, tuple(model.patch_embed.grid_size)
     patch_px = cfg.img_size / grid[0]
@@ -136,7 +137,7 @@ def inspect_checkpoint(checkpoint, out, num_images: int = 64) -> dict:
     return summary
 
 
-def main(argv=None) -> dict:
+def run_command(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True)
@@ -145,6 +146,13 @@ def main(argv=None) -> dict:
     summary = inspect_checkpoint(args.checkpoint, args.out, args.num_images)
     print(f"Figures and numbers written to {args.out}")
     return summary
+
+
+def main(argv=None):
+    from ssvit.errors import user_errors
+
+    with user_errors("ssvit-figures", cli=argv is None):
+        return run_command(argv)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from ssvit.errors import UsageError
+
 
 def create_backbone(name: str, img_size: int, model_kwargs: Optional[dict] = None) -> nn.Module:
     """A timm model without its classifier (num_classes=0): the objective owns the head."""
@@ -18,20 +20,25 @@ def create_backbone(name: str, img_size: int, model_kwargs: Optional[dict] = Non
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
         hint = f" Did you mean: {', '.join(close)}?" if close else " See timm.list_models('vit_*')."
-        raise ValueError(f"Unknown timm model {name!r}.{hint}")
+        raise UsageError(f"Unknown timm model {name!r}.{hint}")
     kwargs = dict(model_kwargs or {}, num_classes=0)
     kwargs.pop("img_size", None)  # the run's img_size decides
     try:
-        model = timm.create_model(name, img_size=img_size, **kwargs)
+        try:
+            model = timm.create_model(name, img_size=img_size, **kwargs)
+        except TypeError as e:
+            if "img_size" not in str(e):
+                raise
+            model = timm.create_model(name, **kwargs)  # convolutional models (BiT) take any input size
     except TypeError as e:
-        if "img_size" not in str(e):
-            raise ValueError(f"timm.create_model({name!r}, **{kwargs}) failed: {e}. Check model_kwargs.") from e
-        model = timm.create_model(name, **kwargs)  # convolutional models (BiT) take any input size
+        bad = str(e).rpartition("argument ")[2].strip("'")
+        raise UsageError(f"--model {name} does not take {bad!r} (from --model_kwargs {model_kwargs}): {e}. "
+                         f"Remove it from --model_kwargs.") from None  # fmt: skip
     embed = getattr(model, "patch_embed", None)
     if embed is not None and hasattr(embed, "grid_size"):
         stride = img_size / embed.grid_size[0]
         if img_size % embed.grid_size[0] or stride != int(stride) or embed.grid_size[0] * int(stride) != img_size:
-            raise ValueError(
+            raise UsageError(
                 f"Image size {img_size} is not divisible by the patch size of {name} "
                 f"(patch_size={getattr(embed, 'patch_size', '?')}). Choose --img_size as a multiple of the "
                 f"patch size, or set --model_kwargs '{{patch_size: P}}' to one that divides {img_size}."
@@ -57,9 +64,11 @@ def describe(model: nn.Module) -> str:
     return f"{type(model).__name__}, {params / 1e6:.2f}M parameters"
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, header_only: bool = False) -> dict[str, torch.Tensor]:
     """Weights from an ssvit checkpoint folder, an exported backbone folder, or a .safetensors file.
-    Never unpickles: safetensors only."""
+    Never unpickles: safetensors only. header_only: check that the file is readable, load nothing."""
+    from safetensors import SafetensorError, safe_open
+
     p = Path(path)
     if p.is_dir():
         candidates = [p / "model.safetensors", p / "backbone.safetensors"]
@@ -69,9 +78,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         p = found
     if not p.exists():
         raise FileNotFoundError(f"Checkpoint {p} does not exist.")
-    if p.suffix != ".safetensors":
-        raise ValueError(f"{p}: ssvit loads weights from .safetensors files only (never pickles).")
-    return load_file(p)
+    try:
+        if header_only:
+            with safe_open(p, "pt"):
+                return {}
+        return load_file(p)
+    except (SafetensorError, OSError) as e:
+        raise UsageError(
+            f"{p} is not a safetensors file ({e}). ssvit loads weights from .safetensors only (it never unpickles): "
+            f"give an ssvit checkpoint or an exported backbone folder, or convert the weights to safetensors."
+        ) from None
 
 
 def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -105,7 +121,7 @@ def check_compatible(own: dict, state: dict, source: str, target: str, ignore_un
         lines.append(f"  shape mismatches ({len(mismatched)}):")
         lines += [f"    {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched[:8]]
     lines.append("Use the --model, --model_kwargs and --objective the checkpoint was trained with (see its config.yaml).")
-    raise ValueError("\n".join(lines))
+    raise UsageError("\n".join(lines))
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, backbone: nn.Module) -> torch.Tensor:
@@ -126,9 +142,12 @@ def init_architecture(init: str) -> dict:
 
     if init.startswith("timm:"):
         return {"model": init[5:], "model_kwargs": {}}
+    if not Path(init).exists():
+        raise FileNotFoundError(f"--init {init}: no such file or folder. Give an ssvit checkpoint folder "
+                                f"(runs/<name>/checkpoints/step_NNNNNN), an exported backbone folder, or timm:<name>.")  # fmt: skip
     saved = saved_config(init)
     if saved is None:
-        raise FileNotFoundError(f"--init {init}: no config.yaml or config.json beside it; give --model explicitly.")
+        raise FileNotFoundError(f"--init {init}: no config.yaml or config.json beside it to take the architecture from.")
     if "architecture" in saved:  # a timm folder (python -m ssvit.export)
         model_args = dict(saved.get("model_args", {}))
         size = model_args.pop("img_size", None) or saved.get("pretrained_cfg", {}).get("input_size", [0, 0, None])[-1]
@@ -152,7 +171,7 @@ def checkpoint_folder(path: str | Path) -> Path:
     p = Path(path)
     folder = p if p.is_dir() else p.parent
     if not (folder / "model.safetensors").exists() or saved_config(folder) is None:
-        raise ValueError(
+        raise UsageError(
             f"{path} is not an ssvit checkpoint (expected a folder with model.safetensors and config.yaml, such as "
             f"runs/<name>/checkpoints/step_001000)."
         )
@@ -174,7 +193,7 @@ def build_timm_model(checkpoint: str | Path, with_head: bool = False, use_ema: b
     load_backbone_weights(model, state, str(weights))
     if with_head:
         if "head.weight" not in state or state["head.weight"].ndim != 2:
-            raise ValueError(
+            raise UsageError(
                 f"--with-head: {folder} has no linear classifier to export (objective {cfg['objective']!r}). Export the "
                 f"backbone (without --with-head), or export a checkpoint of ssvit/finetune.py."
             )

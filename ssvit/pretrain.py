@@ -10,12 +10,14 @@ from __future__ import annotations
 from accelerate import PartialState
 
 from ssvit.config import parse
+from ssvit.errors import user_errors
 from ssvit.train import print_summary, train
 
 
 def main(argv=None) -> dict:
-    run = parse(argv, prog="ssvit-pretrain")
-    result = train(run)
+    with user_errors("ssvit-pretrain", cli=argv is None):
+        run = parse(argv, prog="ssvit-pretrain")
+        result = train(run)
     if PartialState().is_main_process:
         print_summary(result, run.train.output_dir)
     return result

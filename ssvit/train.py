@@ -25,15 +25,21 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import objectives
-from ssvit.checkpoints import load_checkpoint, read_best, resolve_resume, save_best, save_checkpoint
+from ssvit.checkpoints import (
+    hold_folder,
+    load_checkpoint,
+    read_best,
+    resolve_resume,
+    save_best,
+    save_checkpoint,
+    trim_metrics,
+)
 from ssvit.config import RunConfig, TrainConfig
 from ssvit.data import EpochSampler, Splits, load_splits
+from ssvit.errors import NonFiniteLossError, UsageError
+from ssvit import evals
 from ssvit.evals import EVALUATORS
 from ssvit.models import create_backbone, describe, load_init, set_fused_attention
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 class JSONLTracker(GeneralTracker):
@@ -45,12 +51,7 @@ class JSONLTracker(GeneralTracker):
 
     def __init__(self, path: Path):
         super().__init__()
-        self.path = path
-        # A run killed mid-write leaves a partial last line: drop it before a resumed run appends.
-        if path.exists():
-            text = path.read_text()
-            if text and not text.endswith("\n"):
-                path.write_text(text[: text.rfind("\n") + 1])
+        self.path = path  # trimmed to the step the run starts from by setup() (checkpoints.trim_metrics)
 
     @property
     def tracker(self):
@@ -162,6 +163,7 @@ class State:
     loader: DataLoader
     sampler: EpochSampler
     val_loader: DataLoader
+    test_loader: Optional[DataLoader]
     ema: Optional[ModelEmaV3]
     lr: float
     step: int = 0
@@ -185,25 +187,17 @@ class State:
         return len(self.sampler) // self.cfg.batch_size
 
 
-def setup(run: RunConfig) -> State:
+def setup(run: RunConfig, accelerator: Accelerator) -> State:
+    """Everything the loop needs. Nothing in the run folder changes until the run is known to start (data
+    loaded, model built, a --resume checkpoint found compatible); then config.yaml is written."""
     cfg, output_dir = run.train, Path(run.train.output_dir)
-    accelerator = make_accelerator(cfg, [*cfg.report_to, JSONLTracker(output_dir / "metrics.jsonl")])
     world, accum = accelerator.num_processes, cfg.gradient_accumulation_steps
-    if cfg.batch_size % (world * accum):
-        raise ValueError(
-            f"--batch_size {cfg.batch_size} is the global batch: it must divide evenly over {world} process(es) "
-            f"x {accum} accumulation step(s). Use a multiple of {world * accum}."
-        )
     resume_from = resolve_resume(cfg)
-    if accelerator.is_main_process:
-        (output_dir / "figures").mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.yaml").write_text(run.dump())
-
     set_seed(cfg.seed)  # the same initial weights on every process
     with accelerator.main_process_first():
         splits = load_splits(cfg, is_main=accelerator.is_main_process)
     if objectives.get(cfg.objective).needs_labels and not splits.num_classes:
-        raise ValueError(f"--objective {cfg.objective} needs labels, and {cfg.data} has none (no label column, or "
+        raise UsageError(f"--objective {cfg.objective} needs labels, and {cfg.data} has none (no label column, or "
                          f"images not in class folders). Use a self-supervised objective such as masked_patch, or name "
                          f"the labels with --label_column.")  # fmt: skip
     model = build_objective(run, splits.num_classes)
@@ -213,21 +207,22 @@ def setup(run: RunConfig) -> State:
     optimizer = make_optimizer(model, cfg, lr, accelerator.device.type)
     steps_per_epoch = len(splits.train) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"--batch_size {cfg.batch_size} is larger than the training set ({len(splits.train)} images).")
+        raise UsageError(f"--batch_size {cfg.batch_size} is larger than the training set ({len(splits.train)} images).")
     sampler = EpochSampler(len(splits.train), cfg.seed, num_samples=steps_per_epoch * cfg.batch_size)
     micro_batch = cfg.batch_size // (world * accum)
     # Its own generator: creating an iterator draws a seed, which must not come from the global RNG (a resumed
     # run creates its iterator at another point of the global RNG stream).
     loader = DataLoader(splits.train, batch_size=micro_batch, sampler=sampler, drop_last=True,
                         num_workers=cfg.dataloader_num_workers, generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
-    val_loader = DataLoader(splits.val, batch_size=max(cfg.batch_size // world, 1), num_workers=cfg.dataloader_num_workers)
-    model, optimizer, loader, val_loader = accelerator.prepare(model, optimizer, loader, val_loader)
+    held_out = [DataLoader(s, batch_size=max(cfg.batch_size // world, 1), num_workers=cfg.dataloader_num_workers)
+                for s in (splits.val, splits.test) if s is not None]  # fmt: skip
+    model, optimizer, loader, val_loader, *test_loader = accelerator.prepare(model, optimizer, loader, *held_out)
     if cfg.compile:
         model = torch.compile(model)
     unwrapped = accelerator.unwrap_model(model)
     ema = ModelEmaV3(unwrapped, decay=cfg.ema_decay) if cfg.ema_decay else None
     state = State(run, accelerator, splits, model, unwrapped, optimizer, make_scheduler(optimizer, cfg), loader, sampler,
-                  val_loader, ema, lr, last_checkpoint=resume_from)  # fmt: skip
+                  val_loader, (test_loader or [None])[0], ema, lr, last_checkpoint=resume_from)  # fmt: skip
     if resume_from is not None:
         state.step = state.start_step = load_checkpoint(accelerator, resume_from, unwrapped, ema, f"this {cfg.objective} run")
         state.scheduler.step_update(state.step)
@@ -235,6 +230,10 @@ def setup(run: RunConfig) -> State:
         accelerator.print(f"Resumed from {resume_from} at step {state.step}.")
     else:
         seed_process(cfg.seed)
+    if accelerator.is_main_process:  # the run starts: now its folder may change
+        (output_dir / "figures").mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(run.dump())
+        trim_metrics(output_dir / "metrics.jsonl", state.step)
     flat_config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(cfg).items()}
     accelerator.init_trackers("ssvit", config=flat_config)
     accelerator.print(
@@ -288,6 +287,24 @@ def evaluate(state: State) -> bool:
     return bool(result)
 
 
+@torch.no_grad()
+def check_savable(state: State, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Before a checkpoint is written: the weights and optimizer state are finite, and the weights give a
+    finite loss on the last batch (an optimizer step can ruin the weights before any loss shows it)."""
+    accelerator, model = state.accelerator, state.unwrapped
+    tensors = [*model.parameters(), *(v for s in state.optimizer.state.values() for v in s.values()
+                                     if torch.is_tensor(v) and v.is_floating_point())]  # fmt: skip
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+    with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
+        finite &= torch.isfinite(model(images, labels).loss)  # forked RNG: training's stream is unchanged
+    if not int(accelerator.reduce(finite.float().reshape(1), reduction="sum")) == accelerator.num_processes:
+        raise NonFiniteLossError(
+            f"The weights or optimizer state became non-finite (NaN/inf) by step {state.step}: it was not saved. The last "
+            f"good checkpoint is {state.last_checkpoint or 'none (no checkpoint was saved yet)'} and was left untouched. "
+            f"Lower --lr, keep --max_grad_norm set, or use --mixed_precision bf16 instead of fp16; then --resume."
+        )
+
+
 def loop(state: State) -> None:
     cfg, accelerator, accum = state.cfg, state.accelerator, state.cfg.gradient_accumulation_steps
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -333,7 +350,8 @@ def loop(state: State) -> None:
                 bar.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.2e}", img_s=f"{logs['train/images_per_s']:.0f}")
             paused = evaluate(state)
             if state.step % cfg.save_steps == 0 or last:
-                check_finite()  # never write a checkpoint with non-finite weights
+                check_finite()
+                check_savable(state, images, batch["label"])  # never write a checkpoint with non-finite weights
                 state.last_checkpoint = save_checkpoint(accelerator, state.output_dir, state.step, state.ema, state.run,
                                                         cfg.save_total_limit)  # fmt: skip
                 paused = True
@@ -347,6 +365,9 @@ def loop(state: State) -> None:
 def finish(state: State) -> dict:
     """Gather a checksum of the weights from every process, end the process group, write results.json."""
     cfg, accelerator = state.cfg, state.accelerator
+    test = evals.test(state)
+    if test:
+        accelerator.log(test, step=state.step)
     checksum = torch.stack([p.detach().double().sum() for p in state.unwrapped.parameters()]).sum().reshape(1)
     checksums = accelerator.gather(checksum.to(accelerator.device)).tolist()
     accelerator.end_training()  # also ends the process group
@@ -363,6 +384,7 @@ def finish(state: State) -> dict:
         # One checksum of the weights per process: equal when the processes agree.
         "param_checksums": checksums,
         **state.eval_result,
+        **test,
     }
     if accelerator.is_main_process:
         (state.output_dir / "results.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -370,9 +392,20 @@ def finish(state: State) -> dict:
 
 
 def train(run: RunConfig) -> dict:
-    state = setup(run)
-    loop(state)
-    return finish(state)
+    cfg = run.train
+    output_dir = Path(cfg.output_dir)
+    accelerator = make_accelerator(cfg, [*cfg.report_to, JSONLTracker(output_dir / "metrics.jsonl")])
+    world, accum = accelerator.num_processes, cfg.gradient_accumulation_steps
+    if cfg.batch_size % (world * accum):
+        raise UsageError(
+            f"--batch_size {cfg.batch_size} is the global batch: it must divide evenly over {world} process(es) "
+            f"x {accum} accumulation step(s). Use a multiple of {world * accum}."
+        )
+    with hold_folder(output_dir, accelerator.is_main_process):
+        accelerator.wait_for_everyone()
+        state = setup(run, accelerator)
+        loop(state)
+        return finish(state)
 
 
 def print_summary(result: dict, output_dir: str) -> None:

@@ -1,0 +1,31 @@
+"""Bad input gets a clear error: what is wrong and how to fix it, printed without a traceback by the commands."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+
+
+class UsageError(ValueError):
+    """Bad input from the user (a flag, a path, a file, the data): the message names the problem and the fix."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged: the message names the step, the last good checkpoint and what to change."""
+
+
+# What the commands print as one line instead of a traceback: our own messages, written for the user.
+USER_ERRORS = (UsageError, NonFiniteLossError, FileNotFoundError, FileExistsError, ConnectionError, PermissionError)
+
+
+@contextmanager
+def user_errors(prog: str, cli: bool):
+    """As a command (cli=True), turn a user error into `prog: error: message` and exit status 2; called from
+    Python (tests, notebooks), let it propagate."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        if not cli:
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
