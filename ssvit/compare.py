@@ -44,9 +44,41 @@ class Study:
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     ablations: dict = field(default_factory=dict)
     """name -> masked_patch flags, e.g. {mask_ratio_0.15: {masked_patch.mask_ratio: 0.15}}."""
+    arms: list = field(default_factory=lambda: list(ARMS))
+    """Which arms run (see ARMS)."""
 
 
-ARMS = ("scratch", "supervised", "masked_patch")
+ARMS = ("scratch", "scratch_matched", "supervised", "masked_patch")
+"""scratch: fine-tuning's budget only. scratch_matched: from scratch on the labelled subset for as many images as
+masked-patch pretraining plus fine-tuning process (label fractions below 1; at 1 the supervised arm is that).
+supervised, masked_patch: pretrained on all training images (with / without labels), then fine-tuned."""
+
+
+def resolved(study: Study, arm: str) -> tuple[dict, dict]:
+    """(pretraining flags, fine-tuning flags) of an arm as its runs see them: defaults, base, then the study's."""
+    from ssvit.config import TrainConfig
+
+    pretrain = {}
+    if arm in ("supervised", "masked_patch"):
+        pretrain = {**vars(TrainConfig()), **study.base, **study.pretrain, **getattr(study, arm)}
+    return pretrain, {**preset("finetune"), **study.base, **study.finetune}
+
+
+def images_processed(study: Study, arm: str) -> int:
+    pretrain, finetune = resolved(study, arm if arm != "scratch_matched" else "masked_patch")
+    images = finetune["max_steps"] * finetune["batch_size"]
+    return images + (pretrain["max_steps"] * pretrain["batch_size"] if pretrain and arm != "scratch" else 0)
+
+
+def finetune_flags(study: Study, arm: str) -> dict:
+    """The fine-tuning flags of an arm. scratch_matched runs as many fine-tuning-batch steps as masked-patch
+    pretraining plus fine-tuning process images, with the fine-tuning lr; its warmup keeps the same share of
+    its (longer) schedule."""
+    if arm != "scratch_matched":
+        return study.finetune
+    _, finetune = resolved(study, arm)
+    steps = math.ceil(images_processed(study, arm) / finetune["batch_size"])
+    return {**study.finetune, "max_steps": steps, "warmup_steps": round(finetune["warmup_steps"] * steps / finetune["max_steps"])}
 
 
 def flags(mapping: dict) -> list[str]:
@@ -94,8 +126,8 @@ def confidence_interval(values: list[float]) -> float:
     return T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
 
 
-def top1_by_seed(rows: list[dict], arm: str, fraction: float) -> dict:
-    return {r["seed"]: r["top1"] for r in rows if r["kind"] == "finetune" and r["arm"] == arm and r["label_fraction"] == fraction}
+def top1_by_seed(rows: list[dict], arm: str, fraction: float, key: str = "top1") -> dict:
+    return {r["seed"]: r[key] for r in rows if r["kind"] == "finetune" and r["arm"] == arm and r["label_fraction"] == fraction}
 
 
 def paired_difference(arm: dict, scratch: dict) -> Optional[tuple[float, float]]:
@@ -113,8 +145,11 @@ def run_study(study: Study) -> list[dict]:
     root = Path(study.output_dir)
     base = flags(study.base)
     pretrained = {}
-    for name, extra in {"supervised": study.supervised, "masked_patch": study.masked_patch,
-                        **{f"masked_patch_{k}": {**study.masked_patch, **v} for k, v in study.ablations.items()}}.items():  # fmt: skip
+    pretrainings = {"supervised": study.supervised, "masked_patch": study.masked_patch,
+                    **{f"masked_patch_{k}": {**study.masked_patch, **v} for k, v in study.ablations.items()}}  # fmt: skip
+    for name, extra in pretrainings.items():
+        if name not in study.arms and not name.startswith("masked_patch_"):
+            continue
         objective = "supervised" if name == "supervised" else "masked_patch"
         result = run_once([*base, "--objective", objective, *flags({**study.pretrain, **extra})], root / "runs" / f"pretrain_{name}")
         pretrained[name] = Path(result["checkpoint"])
@@ -131,19 +166,28 @@ def run_study(study: Study) -> list[dict]:
             done.write_text(json.dumps(row, indent=2) + "\n")
         rows.append(json.loads(done.read_text()))
 
-    for arm in ARMS:
+    for arm in (a for a in ARMS if a in study.arms):
         for fraction in study.label_fractions:
+            if arm == "scratch_matched" and fraction >= 1:
+                continue  # with all labels, the supervised arm is scratch with the same compute
             for seed in study.seeds:
-                name = f"finetune_{arm}_frac{fraction}_seed{seed}"
-                init = [] if arm == "scratch" else ["--init", str(pretrained[arm])]
-                argv = [*base, *init, *flags(study.finetune), "--label_fraction", str(fraction), "--seed", str(seed),
-                        "--fewshot_steps", "0"]  # the label subset and the initialisation vary with the seed
-                result = run_once(argv, root / "runs" / name, defaults=preset("finetune"))
-                rows.append({"kind": "finetune", "arm": arm, "label_fraction": fraction, "seed": seed,
-                             "pretrain_flops": next((r["pretrain_flops"] for r in rows if r["arm"] == arm), 0.0),
-                             "top1": result["val/top1"], "top5": result.get("val/top5")})  # fmt: skip
+                rows.append(finetune_row(study, arm, fraction, seed, pretrained, rows))
     write_report(rows, root)
     return rows
+
+
+def finetune_row(study: Study, arm: str, fraction: float, seed: int, pretrained: dict, rows: list[dict]) -> dict:
+    """Fine-tune one cell (a finished run is read back) and report it: test top-1, validation beside it, and the
+    images the arm processed in all (pretraining included)."""
+    init = [] if arm.startswith("scratch") else ["--init", str(pretrained[arm])]
+    argv = [*flags(study.base), *init, *flags(finetune_flags(study, arm)), "--label_fraction", str(fraction), "--seed", str(seed),
+            "--fewshot_steps", "0"]  # the label subset and the initialisation vary with the seed
+    result = run_once(argv, Path(study.output_dir) / "runs" / f"finetune_{arm}_frac{fraction}_seed{seed}", defaults=preset("finetune"))
+    return {"kind": "finetune", "arm": arm, "label_fraction": fraction, "seed": seed,
+            "pretrain_flops": next((r["pretrain_flops"] for r in rows if r["arm"] == arm), 0.0),
+            "images": images_processed(study, arm),
+            "top1": result.get("test/top1", result["val/top1"]), "val_top1": result["val/top1"],
+            "split": "test" if "test/top1" in result else "val", "top5": result.get("test/top5", result.get("val/top5"))}  # fmt: skip
 
 
 def write_report(rows: list[dict], root: Path) -> None:
@@ -158,19 +202,28 @@ def write_report(rows: list[dict], root: Path) -> None:
         writer.writeheader()
         writer.writerows(rows)
 
-    lines = ["| arm | label fraction | fine-tune top-1 (mean ± 95% CI) | minus scratch, paired by seed (mean ± 95% CI) | seeds |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    split = next((r["split"] for r in rows if r["kind"] == "finetune"), "val")
+    lines = [f"Fine-tuning top-1 on the {split} split (validation beside it), mean ± 95% CI over seeds; gains paired by seed.", "",
+             f"| arm | label fraction | images processed | {split} top-1 | validation top-1 | minus scratch (fine-tuning budget) "
+             f"| minus scratch (same images) | seeds |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     fractions = sorted({r["label_fraction"] for r in rows if r["kind"] == "finetune"})
     series = {}
     for arm in ARMS:
         for fraction in fractions:
             top1 = top1_by_seed(rows, arm, fraction)
-            if top1:
-                mean, ci = statistics.mean(top1.values()), confidence_interval(list(top1.values()))
-                series.setdefault(arm, []).append((fraction, mean, ci))
-                gain = paired_difference(top1, top1_by_seed(rows, "scratch", fraction)) if arm != "scratch" else None
-                gain = f"{gain[0]:+.2%} ± {gain[1]:.2%}" if gain else ""
-                lines.append(f"| {arm} | {fraction:g} | {mean:.2%} ± {ci:.2%} | {gain} | {len(top1)} |")
+            if not top1:
+                continue
+            mean, ci = statistics.mean(top1.values()), confidence_interval(list(top1.values()))
+            val = list(top1_by_seed(rows, arm, fraction, "val_top1").values())
+            series.setdefault(arm, []).append((fraction, mean, ci))
+            # "Same images": scratch_matched below 100% labels; at 100% the supervised arm is scratch with that compute.
+            matched = "scratch_matched" if fraction < 1 else "supervised"
+            gains = [paired_difference(top1, top1_by_seed(rows, ref, fraction)) if arm not in (ref, "scratch") else None
+                     for ref in ("scratch", matched)]  # fmt: skip
+            gains = [f"{g[0]:+.2%} ± {g[1]:.2%}" if g else "" for g in gains]
+            images = next(r["images"] for r in rows if r["kind"] == "finetune" and r["arm"] == arm and r["label_fraction"] == fraction)
+            lines.append(f"| {arm} | {fraction:g} | {images:,} | {mean:.2%} ± {ci:.2%} | {statistics.mean(val):.2%} | "
+                         f"{gains[0]} | {gains[1]} | {len(top1)} |")  # fmt: skip
     lines += ["", "| pretraining | pretraining FLOPs | 1-shot | 5-shot | 10-shot | 25-shot |", "|---|---|---|---|---|---|"]
     for r in (r for r in rows if r["kind"] == "fewshot"):
         shots = " | ".join(f"{r.get(f'fewshot_{n}shot', float('nan')):.2%}" for n in (1, 5, 10, 25))
@@ -181,7 +234,7 @@ def write_report(rows: list[dict], root: Path) -> None:
     for arm, points in series.items():
         xs, ys, cis = zip(*points)
         ax.errorbar(xs, ys, yerr=cis, marker="o", capsize=3, label=arm)
-    ax.set(xscale="log", xlabel="fraction of training labels", ylabel="validation top-1", title="Fine-tuning accuracy")
+    ax.set(xscale="log", xlabel="fraction of training labels", ylabel=f"{split} top-1", title="Fine-tuning accuracy")
     ax.legend()
     fig.tight_layout()
     fig.savefig(root / "accuracy_vs_labels.png", dpi=150)

@@ -3,7 +3,7 @@
     python -m ssvit.evaluate --init runs/cifar10_mpp_cpu/checkpoints/step_001500 --data parquet:../shared/data/cifar10/train.parquet
 
 Few-shot: regularised least squares from frozen features to {-1, 1}^K targets, solved in closed form, for
-1/5/10/25 images per class and several seeds (mean and spread). Features are extracted in batches and only
+1/5/10/25 images per class and several seeds (mean and spread), as big_vision's fewshot_lsr evaluator does it. Features are extracted in batches and only
 the collected (N, D) features enter the solve, so a ViT-B/16 evaluates on CPU within memory.
 """
 
@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import reduce
@@ -55,32 +56,50 @@ def extract_features(backbone, dataset, representation: str, batch_size: int = 2
     return torch.cat(feats), torch.cat(labels)
 
 
+# Few-shot linear evaluation as the paper's authors run it: big_vision's evaluators/fewshot_lsr.py. Features are
+# standardised with the shots' own mean and standard deviation (+1e-5), a constant feature of 100 is appended
+# for the bias (regularised like the rest, so at that scale almost not), the targets are {-1, 1}^K, and the
+# L2-regularised least-squares problem is solved in closed form: in the primal when there are at least as many
+# shots as features, in the dual otherwise. Shots are drawn as big_vision draws them (numpy's default_rng(seed),
+# one permutation per class, in class order). Remaining difference: big_vision solves through an eigen-
+# decomposition, cached to sweep l2_reg; ssvit solves the same normal equations directly (float64).
+FEWSHOT_BIAS = 100.0
+FEWSHOT_L2 = 2.0**10  # big_vision's configs
+
+
 def ridge_fit(x: torch.Tensor, targets: torch.Tensor, l2_reg: float) -> torch.Tensor:
-    """Closed-form regularised least squares with a bias: argmin_W |[x 1] W - targets|^2 + l2_reg |W_x|^2,
-    solved in the primal ((D+1) x (D+1) normal equations, float64)."""
-    x = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1)
-    reg = torch.eye(x.shape[1], dtype=torch.float64) * l2_reg
-    reg[-1, -1] = 0  # the bias is not regularised
-    return torch.linalg.solve(x.T @ x + reg, x.T @ targets.double())
+    """argmin_W |x W - targets|^2 + l2_reg |W|^2 in closed form (float64): the primal (x^T x + l2 I)^-1 x^T t
+    when x has at least as many rows as columns, else the dual x^T (x x^T + l2 I)^-1 t."""
+    x, targets = x.double(), targets.double()
+    n, d = x.shape
+    if n >= d:
+        return torch.linalg.solve(x.T @ x + l2_reg * torch.eye(d, dtype=x.dtype), x.T @ targets)
+    return x.T @ torch.linalg.solve(x @ x.T + l2_reg * torch.eye(n, dtype=x.dtype), targets)
 
 
-def ridge_predict(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.float64)], 1) @ w
+def _standardised_with_bias(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    x = (x.double() - mean) / std
+    return torch.cat([x, torch.full((len(x), 1), FEWSHOT_BIAS, dtype=x.dtype)], 1)
 
 
-def fewshot_accuracy(train_x, train_y, val_x, val_y, shots: int, seed: int, num_classes: int, l2_reg: float = 1.0) -> float:
-    """Sample `shots` training images per class, fit {-1, 1}^K targets in closed form, score top-1 on val."""
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.cat([(train_y == c).nonzero().flatten()[torch.randperm(int((train_y == c).sum()), generator=g)[:shots]]
-                     for c in range(num_classes)])  # fmt: skip
-    # Standardise with the few-shot set's statistics only (nothing is fitted on validation data).
-    mu, sd = train_x[idx].mean(0), train_x[idx].std(0, unbiased=False).clamp(min=1e-6) if shots > 1 else 1.0
+def fewshot_indices(train_y: torch.Tensor, shots: int, seed: int, num_classes: int) -> torch.Tensor:
+    """`shots` training images of each class, drawn as big_vision draws them."""
+    rng = np.random.default_rng(seed)
+    labels = train_y.numpy()
+    return torch.from_numpy(np.concatenate([rng.permutation(np.where(labels == c)[0])[:shots] for c in range(num_classes)]))
+
+
+def fewshot_accuracy(train_x, train_y, val_x, val_y, shots: int, seed: int, num_classes: int, l2_reg: float = FEWSHOT_L2) -> float:
+    """Fit {-1, 1}^K targets on `shots` images per class in closed form; top-1 accuracy on (val_x, val_y)."""
+    idx = fewshot_indices(train_y, shots, seed, num_classes)
+    x = train_x[idx].double()
+    mean, std = x.mean(0, keepdim=True), x.std(0, unbiased=False, keepdim=True) + 1e-5  # the shots' statistics only
     targets = F.one_hot(train_y[idx], num_classes).double() * 2 - 1
-    w = ridge_fit((train_x[idx] - mu) / sd, targets, l2_reg)
-    return (ridge_predict(w, (val_x - mu) / sd).argmax(1) == val_y).double().mean().item()
+    w = ridge_fit(_standardised_with_bias(x, mean, std), targets, l2_reg)
+    return (_standardised_with_bias(val_x, mean, std) @ w).argmax(1).eq(val_y).double().mean().item()
 
 
-def fewshot(train_x, train_y, val_x, val_y, num_classes, shots=(1, 5, 10, 25), seeds=(0, 1, 2), l2_reg=1.0) -> dict:
+def fewshot(train_x, train_y, val_x, val_y, num_classes, shots=(1, 5, 10, 25), seeds=(0, 1, 2), l2_reg=FEWSHOT_L2) -> dict:
     out = {}
     for n in shots:
         accs = torch.tensor([fewshot_accuracy(train_x, train_y, val_x, val_y, n, s, num_classes, l2_reg) for s in seeds])

@@ -17,7 +17,22 @@ from pathlib import Path
 
 import torch
 
+from ssvit.config import saved_train_config
+from ssvit.errors import UsageError
 from ssvit.models import build_timm_model
+
+
+def export_onnx(model, size: int, path: Path, output_name: str) -> Path:
+    """model.onnx with input pixel_values (batch, 3, size, size), normalised as the timm model expects, and a
+    dynamic batch axis (torch's exporter; `pip install -e ".[onnx]"`)."""
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise UsageError(f"--onnx needs the onnx extra ({e.name} is not installed): pip install -e \".[onnx]\"") from None
+    torch.onnx.export(model, (torch.rand(1, 3, size, size),), str(path), input_names=["pixel_values"],
+                      output_names=[output_name], dynamic_axes={"pixel_values": {0: "batch"}})  # fmt: skip
+    return path
 
 
 def export(checkpoint, out, with_head=False, use_ema=True, overwrite=False, push_to_hub=None, onnx=False) -> Path:
@@ -31,9 +46,8 @@ def export(checkpoint, out, with_head=False, use_ema=True, overwrite=False, push
     model, model_args = build_timm_model(checkpoint, with_head, use_ema)
     timm.models.save_for_hf(model, str(out), model_args=model_args, safe_serialization=True)
     if onnx:
-        size = model_args.get("img_size", 224)
-        torch.onnx.export(model, torch.rand(1, 3, size, size), str(out / "model.onnx"), input_names=["pixel_values"],
-                          output_names=["features" if not with_head else "logits"], dynamic_axes={"pixel_values": {0: "batch"}})  # fmt: skip
+        size = saved_train_config(checkpoint).img_size  # the resolution the run trained at (BiT takes any)
+        export_onnx(model, size, out / "model.onnx", "logits" if with_head else "features")
     if push_to_hub:
         timm.models.push_to_hf_hub(model, push_to_hub, model_args=model_args)
     return out
@@ -47,11 +61,11 @@ def main(argv=None) -> Path:
     p.add_argument("--no-ema", "--no_ema", action="store_true", help="export the raw weights even if EMA weights exist")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--push-to-hub", "--push_to_hub", metavar="REPO_ID", help="also upload through huggingface_hub")
-    p.add_argument("--onnx", action="store_true", help="also write model.onnx (needs the onnx package)")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx with a dynamic batch axis (the onnx extra)")
     args = p.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out, args.with_head, not args.no_ema, args.overwrite, args.push_to_hub, args.onnx)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
+    except (ValueError, FileExistsError, FileNotFoundError) as e:  # UsageError is a ValueError
         raise SystemExit(f"ssvit.export: {e}") from None
     print(f"Exported to {out}. Load it with: timm.create_model('local-dir:{out}', pretrained=True)")
     return out

@@ -15,7 +15,8 @@ def test_tiny_study_writes_table_and_plots_and_skips_finished_cells(tmp_path):
     study = {
         "output_dir": str(tmp_path / "study"),
         "base": {"model": "vit_tiny_patch16_224", "model_kwargs": model_kwargs, "img_size": 16, "data": "synthetic:400",
-                 "mixed_precision": "no", "report_to": [], "cpu_threads": 1, "batch_size": 16, "eval_batches": 1},
+                 "mixed_precision": "no", "report_to": [], "cpu_threads": 1, "batch_size": 16, "eval_batches": 1,
+                 "test_fraction": 0.1},
         "pretrain": {"max_steps": 2, "warmup_steps": 1},
         "finetune": {"max_steps": 2, "warmup_steps": 1},
         "label_fractions": [0.5, 1.0],
@@ -29,14 +30,20 @@ def test_tiny_study_writes_table_and_plots_and_skips_finished_cells(tmp_path):
     for name in ("results.csv", "results.md", "accuracy_vs_labels.png", "fewshot_vs_compute.png"):
         assert (root / name).stat().st_size > 0, name
     finetunes = [r for r in rows if r["kind"] == "finetune"]
-    assert len(finetunes) == 3 * 2 * 2
+    assert len(finetunes) == (4 * 2 - 1) * 2  # 4 arms x 2 fractions (no matched scratch at 100%) x 2 seeds
+    assert {r["split"] for r in finetunes} == {"test"}  # reported on the test split, validation beside it
+    assert all(0 <= r["top1"] <= 1 and 0 <= r["val_top1"] <= 1 for r in finetunes)
+    matched = json.loads((root / "runs/finetune_scratch_matched_frac0.5_seed0/results.json").read_text())
+    assert matched["steps"] == 2 + 2 * 16 // 16  # as many images as masked-patch pretraining plus fine-tuning
+    assert {r["images"] for r in finetunes if r["arm"] in ("scratch_matched", "masked_patch")} == {4 * 16}
     assert {r["arm"] for r in rows if r["kind"] == "fewshot"} == {"supervised", "masked_patch", "masked_patch_mask_ratio_0.15"}
     assert all(r["pretrain_flops"] > 0 for r in rows if r["kind"] == "fewshot")
     assert len(list(csv.DictReader((root / "results.csv").open()))) == len(rows)
-    assert "minus scratch, paired by seed" in (root / "results.md").read_text()
+    report = (root / "results.md").read_text()
+    assert "test top-1" in report and "minus scratch (same images)" in report
     # A second invocation reuses every finished run.
     stamps = {p: p.stat().st_mtime_ns for p in [*root.glob("runs/*/results.json"), *root.glob("runs/*/study_fewshot.json")]}
-    assert len(stamps) == 3 * 2 * 2 + 3 + 3  # fine-tunings, pretrainings and their few-shot evaluations
+    assert len(stamps) == (4 * 2 - 1) * 2 + 3 + 3  # fine-tunings, pretrainings and their few-shot evaluations
     again = main(["--config", str(config)])
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert again == rows

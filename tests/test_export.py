@@ -47,6 +47,23 @@ def test_exported_backbone_loads_in_timm_alone_with_the_same_features(tmp_path, 
     torch.testing.assert_close(theirs, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["vit", "bit"])
+def test_onnx_export_runs_in_onnxruntime_with_the_same_outputs(tmp_path, arch):
+    ort = pytest.importorskip("onnxruntime")
+    pretrain_main(tiny_args(tmp_path, "--max_steps", "1", "--fewshot_steps", "0", *ARCHS[arch], objective="supervised"))
+    ckpt = tmp_path / "run/checkpoints/step_000001"
+    out = export_main([str(ckpt), "--out", str(tmp_path / "exported"), "--onnx"])
+    model, args = build_timm_model(ckpt)
+    size = args.get("img_size", 16)
+    x = torch.rand(3, 3, size, size)  # exported with batch 1: the batch axis is dynamic
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    (theirs,) = session.run(None, {"pixel_values": x.numpy()})
+    with torch.no_grad():
+        expected = model(x)
+    # float32 kernels of two runtimes: equal to 1e-4 relative, 1e-4 absolute.
+    torch.testing.assert_close(torch.from_numpy(theirs), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_with_head_exports_the_fine_tuned_classifier(tmp_path):
     pretrain_main(tiny_args(tmp_path, "--max_steps", "1", "--fewshot_steps", "0", objective="supervised"))
     ckpt = tmp_path / "run/checkpoints/step_000001"
