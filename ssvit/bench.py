@@ -302,6 +302,12 @@ def main(argv=None) -> dict:
     p.add_argument("--peers", nargs="*", default=["timm", "transformers"], help="peers to measure beside ssvit")
     p.add_argument("--out", default="bench.json")
     args = p.parse_args(argv)
+    from ssvit.train import cpu_has_bf16
+
+    if args.device == "cpu" and "bf16" in args.precision and not cpu_has_bf16():
+        print("This CPU has no bf16 matrix units (AVX512-BF16 or AMX): PyTorch emulates bf16 hundreds of times slower "
+              "than fp32, so bf16 is left out of this benchmark.")  # fmt: skip
+        args.precision = [p for p in args.precision if p != "bf16"] or ["fp32"]
     report = run(args)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(format_report(report))

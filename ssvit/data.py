@@ -115,6 +115,8 @@ def _load_hf(spec: str):
     if kind == "parquet":
         if p.is_dir():
             files = _split_files(p, ".parquet")
+            if not files:  # a folder of parquet files not named by split: all of them are train
+                files = {"train": sorted(str(f) for f in p.rglob("*.parquet"))} if any(p.rglob("*.parquet")) else {}
             if "train" not in files:
                 raise FileNotFoundError(f"--data {spec}: no train*.parquet file under {p} (hub layout expected: train-*.parquet, "
                                         f"optionally validation-*.parquet and test-*.parquet)")  # fmt: skip

@@ -175,6 +175,7 @@ def run_command(argv=None) -> dict:
     from ssvit.config import TrainConfig, saved_train_config
     from ssvit.data import load_splits
     from ssvit.models import create_backbone, load_init
+    from ssvit.train import cpu_has_bf16
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--init", required=True, help="ssvit checkpoint folder, or timm:<name> (with --img_size and --data)")
@@ -205,6 +206,9 @@ def run_command(argv=None) -> dict:
     rep = representation_for(cfg.objective, args.representation)
     result = {"checkpoint": "random initialisation" if args.random_init else str(args.init), "data": splits.description}
     start = time.perf_counter()
+    if args.bf16 and not cpu_has_bf16():
+        print("This CPU has no bf16 matrix units: --bf16 would be hundreds of times slower here; extracting in fp32.")
+        args.bf16 = False
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
         result |= evaluate_backbone(backbone, splits, rep, tuple(args.shots), tuple(range(args.seeds)),
                                     max_train=args.max_train, batch_size=args.batch_size)  # fmt: skip

@@ -131,6 +131,14 @@ def test_a_real_full_disk_is_reported_as_such(tmp_path):
         subprocess.run(["umount", str(disk)])
 
 
+def test_bf16_on_a_cpu_without_bf16_units_trains_in_fp32_and_says_so(tmp_path, monkeypatch, capsys):
+    import ssvit.train
+
+    monkeypatch.setattr(ssvit.train, "cpu_has_bf16", lambda: False)
+    result = main(tiny_args(tmp_path, "--max_steps", "1", "--mixed_precision", "bf16"))
+    assert result["mixed_precision"] == "no" and "no bf16 matrix units" in capsys.readouterr().out
+
+
 # ---- the self-supervised case -------------------------------------------------------------------------------
 
 
@@ -181,6 +189,16 @@ def test_parquet_folder_in_the_hub_layout_with_train_validation_and_test(tmp_pat
                             objective="supervised"))  # fmt: skip
     assert "30 train / 6 val (its validation split; test: its test split)" in result["data"]
     assert "test/top1" in result
+
+
+def test_a_folder_of_parquet_files_not_named_by_split_is_the_training_set(tmp_path):
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["x", "y"])})
+    rows = {"img": [{"bytes": _png(i), "path": None} for i in range(24)], "label": [i % 2 for i in range(24)]}
+    for part in range(2):
+        datasets.Dataset.from_dict(rows, features=features).shard(2, part).to_parquet(str(tmp_path / f"data/part{part}.parquet"))
+    splits = __import__("ssvit.data", fromlist=["load_splits"]).load_splits(
+        parse(["--data", f"parquet:{tmp_path / 'data'}", "--img_size", "16", "--val_fraction", "0.25"]).train)
+    assert len(splits.train) + len(splits.val) == 24
 
 
 def _png(i: int) -> bytes:
