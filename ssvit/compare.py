@@ -139,7 +139,7 @@ def paired_difference(arm: dict, scratch: dict) -> Optional[tuple[float, float]]
 
 def run_study(study: Study) -> list[dict]:
     from ssvit.data import load_splits
-    from ssvit.evaluate import evaluate_backbone, representation_for
+    from ssvit.features import evaluate_backbone, representation_for
     from ssvit.models import build_timm_model
 
     root = Path(study.output_dir)

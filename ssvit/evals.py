@@ -63,7 +63,7 @@ def validate(state, step: int) -> dict:
 
 def fewshot(state, step: int) -> dict:
     """Few-shot linear accuracy of the frozen backbone on the validation split (the main process computes)."""
-    from ssvit.evaluate import evaluate_backbone, representation_for
+    from ssvit.features import evaluate_backbone, representation_for
 
     accelerator, cfg, model = state.accelerator, state.cfg, state.unwrapped
     result = {}

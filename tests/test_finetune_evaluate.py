@@ -7,7 +7,8 @@ import torch
 
 import numpy as np
 
-from ssvit.evaluate import fewshot_accuracy, main as evaluate_main, ridge_fit
+from ssvit.evaluate import main as evaluate_main
+from ssvit.features import fewshot_accuracy, ridge_fit
 from ssvit.finetune import main as finetune_main
 from ssvit.models import create_backbone, load_backbone_weights, resample_pos_embed
 from ssvit.pretrain import main as pretrain_main

@@ -92,3 +92,14 @@ def test_no_module_of_ssvit_shadows_the_standard_library():
     standard-library one (inspect.py once) would replace it for every import."""
     modules = {p.stem for p in (ROOT / "ssvit").glob("*.py")}
     assert not modules & set(sys.stdlib_module_names)
+
+
+def test_no_command_imports_another():
+    """Commands parse and call; what two of them share lives in the library (config, models, train, features...)."""
+    import ast
+
+    commands = {"pretrain", "finetune", "evaluate", "export", "figures", "compare", "bench"}
+    for name in commands:
+        tree = ast.parse((ROOT / "ssvit" / f"{name}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not {f"ssvit.{c}" for c in commands - {name}} & imported, name
