@@ -176,8 +176,8 @@ def parse(argv: Optional[list[str]] = None, defaults: Optional[dict] = None, pro
     train = TrainConfig(**{k: v for k, v in vars(ns).items() if k in train_keys})
     objective_cls = objectives.get(train.objective)
     options = objective_cls.Options(**vars(ns[train.objective]))
-    check(train)
     objective_cls.check_options(train, options)
+    check(train)
     return RunConfig(train, options, ns, parser)
 
 
@@ -207,6 +207,11 @@ def check(cfg: TrainConfig) -> None:
                 read_state_dict(cfg.init, header_only=True)
             except (UsageError, FileNotFoundError) as e:
                 problems.append(str(e))
+    kind, _, path = cfg.data.partition(":")
+    if kind in ("parquet", "imagefolder") and not any(ch in path for ch in "*?[") and not Path(path).exists():
+        problems.append(f"--data {cfg.data}: {path} does not exist.")
+    if cfg.resume not in (None, "latest", "auto", "true", "True") and not Path(cfg.resume).is_dir():
+        problems.append(f"--resume {cfg.resume}: no such checkpoint folder (a bare --resume takes the newest in --output_dir).")
     if problems:
         raise UsageError("\n".join(problems))
 
@@ -244,6 +249,8 @@ def saved_config(checkpoint: str | Path) -> Optional[dict]:
 
 def saved_train_config(checkpoint: str | Path) -> TrainConfig:
     """The TrainConfig of the run that wrote an ssvit checkpoint (keys a newer ssvit does not know are dropped)."""
+    if not Path(checkpoint).exists():
+        raise FileNotFoundError(f"{checkpoint}: no such file or folder (give an ssvit checkpoint folder).")
     saved = saved_config(checkpoint)
     if saved is None or "model" not in saved:
         raise FileNotFoundError(f"{checkpoint}: no config.yaml beside it; is it an ssvit checkpoint?")

@@ -235,9 +235,11 @@ NOWHERE = ["--data", "parquet:/nonexistent/data.parquet"]  # loading it would fa
         (["--masked_patch.mask_ratio", "1.5"], r"mask_ratio 1.5: the share of patches corrupted must be in \(0, 1\]"),
         (["--init", "/nonexistent/ckpt"], "--init /nonexistent/ckpt: no such file or folder"),
         (["--val_fraction", "1.5"], "--val_fraction 1.5: must be a fraction"),
+        (["--resume", "/nonexistent/step_000100"], "--resume /nonexistent/step_000100: no such checkpoint folder"),
+        ([], "--data parquet:/nonexistent/data.parquet: /nonexistent/data.parquet does not exist"),
     ],
     ids=["batch_size", "save_steps", "logging_steps", "lr", "mask_ratio_zero_patches", "mask_ratio_above_1", "init_missing",
-         "val_fraction"],
+         "val_fraction", "resume_missing", "data_missing"],
 )  # fmt: skip
 def test_bad_flags_fail_at_start_up_naming_the_problem(tmp_path, flags, message):
     with pytest.raises(UsageError, match=message):

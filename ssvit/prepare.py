@@ -1,0 +1,170 @@
+"""Prepare a data set once: image folder (or any --data source) to parquet shards in the Hugging Face layout.
+
+    python -m ssvit.prepare imagefolder:/data/imagenet --out /data/imagenet-shards --max_side 320
+    accelerate launch ssvit/pretrain.py --data parquet:/data/imagenet-shards ...
+
+Writes DIR/<split>-00000-of-000NN.parquet (columns image, label; ClassLabel names kept) that plain
+``datasets.load_dataset("parquet", data_dir=DIR)`` reads. Every image is decoded, converted to RGB (grayscale,
+CMYK and palette images included, and a PNG named .JPEG) and, with --max_side N, re-encoded as JPEG so that its
+*shorter* side is at most N pixels. The shorter side, because a random resized crop at the training resolution
+needs pixels across the crop's short side: bounding the longer side would shrink a wide panorama's short side
+below the training resolution. An image that cannot be read is refused, counted and named in refused.txt, never
+fatal. A second run with the same source and settings finds prepare.json and rebuilds nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Optional
+
+from tqdm.auto import tqdm
+
+from ssvit.errors import UsageError, user_errors
+
+
+def encode(source, max_side: Optional[int], quality: int) -> tuple[Optional[bytes], str]:
+    """(JPEG or original bytes, '') for a readable image, (None, reason) otherwise. `source` is a path or bytes."""
+    from PIL import Image
+
+    try:
+        raw = source if isinstance(source, bytes) else Path(source).read_bytes()
+        with Image.open(io.BytesIO(raw)) as img:
+            if max_side is None and img.format == "JPEG" and img.mode == "RGB":
+                img.verify()  # a good RGB JPEG is kept as it is, byte for byte
+                return raw, ""
+            if max_side is not None and img.format == "JPEG":
+                img.draft("RGB", (max_side, max_side))  # libjpeg's DCT scaling: decode at 1/2, 1/4, 1/8 when it can
+            img = img.convert("RGB")
+            if max_side is not None and min(img.size) > max_side:
+                scale = max_side / min(img.size)
+                img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
+            out = io.BytesIO()
+            img.save(out, format="JPEG", quality=quality)
+            return out.getvalue(), ""
+    except Exception as e:  # noqa: BLE001 - any unreadable file is refused with its reason, never fatal
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _encode_one(job):
+    return encode(*job)
+
+
+def sources(spec: str) -> dict[str, tuple[list, Optional[list[int]], list[str]]]:
+    """split -> (images as paths or bytes, labels (None: unlabeled), class names) of a --data source, without
+    decoding anything."""
+    import datasets
+
+    from ssvit.data import _columns, _load_hf, column
+
+    dd = _load_hf(spec)
+    out = {}
+    for split, ds in dd.items():
+        image_col, label_col = _columns(ds, None, None)
+        feature = ds.features.get(label_col)
+        names = list(getattr(feature, "names", None) or [])
+        raw = ds.cast_column(image_col, datasets.Image(decode=False)).select_columns([image_col])
+        images = [v["bytes"] or v["path"] for v in raw.with_format("arrow")[:][image_col].to_pylist()]
+        out[split] = (images, column(ds, label_col).tolist() if label_col else None, names)
+    return out
+
+
+def fingerprint(spec: str, found: dict, settings: dict) -> str:
+    h = hashlib.sha256(json.dumps([spec, settings]).encode())
+    for split, (images, labels, _) in sorted(found.items()):
+        h.update(split.encode())
+        for image, label in zip(images, labels or [None] * len(images)):
+            h.update(image if isinstance(image, bytes) else f"{image}:{os.stat(image).st_size}".encode())
+            h.update(str(label).encode())
+    return h.hexdigest()
+
+
+def write_shards(split: str, jobs: list, labels: Optional[list[int]], names: list[str], out: Path, shard_bytes: int,
+                 workers: int, refused: list) -> int:  # fmt: skip
+    """Encode `jobs` in worker processes, in order, and write shards of about shard_bytes each."""
+    import datasets
+
+    columns = {"image": datasets.Image()}
+    if labels is not None:  # unlabeled sources stay unlabeled (no column of -1s that would pass for a class)
+        columns["label"] = datasets.ClassLabel(names=names) if names else datasets.Value("int64")
+    features = datasets.Features(columns)
+    shards, rows, size, written = [], {k: [] for k in columns}, 0, 0
+
+    def flush():
+        nonlocal rows, size
+        if rows["image"]:
+            path = out / f".{split}-{len(shards):05d}.parquet.tmp"
+            datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
+            shards.append(path)
+        rows, size = {k: [] for k in columns}, 0
+
+    with ProcessPoolExecutor(workers) as pool:
+        results = pool.map(_encode_one, jobs, chunksize=16)
+        pairs = zip(zip(jobs, labels or [None] * len(jobs)), results)
+        for (job, label), (data, reason) in tqdm(pairs, total=len(jobs), desc=f"prepare {split}", unit="img"):
+            if data is None:
+                refused.append(f"{split}\t{job[0] if not isinstance(job[0], bytes) else '(bytes)'}\t{reason}")
+                continue
+            rows["image"].append({"bytes": data, "path": None})
+            if "label" in rows:
+                rows["label"].append(label)
+            size, written = size + len(data), written + 1
+            if size >= shard_bytes:
+                flush()
+    flush()
+    for i, path in enumerate(shards):  # the hub's names, now that the count is known
+        path.rename(out / f"{split}-{i:05d}-of-{len(shards):05d}.parquet")
+    return written
+
+
+def prepare(spec: str, out: str | Path, max_side: Optional[int] = None, shard_mb: float = 256, workers: Optional[int] = None,
+            quality: int = 90) -> dict:  # fmt: skip
+    out = Path(out)
+    settings = {"max_side": max_side, "quality": quality, "shard_mb": shard_mb}
+    found = sources(spec)
+    key = fingerprint(spec, found, settings)
+    manifest = out / "prepare.json"
+    if manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") == key:
+        summary = json.loads(manifest.read_text())
+        print(f"{out} is already prepared from {spec} with these settings: nothing to do.")
+        return summary
+    if out.exists() and any(out.glob("*.parquet")):
+        raise UsageError(f"--out {out} holds parquet files from another source or settings: choose an empty folder.")
+    out.mkdir(parents=True, exist_ok=True)
+    refused, counts = [], {}
+    for split, (images, labels, names) in found.items():
+        jobs = [(image, max_side, quality) for image in images]
+        counts[split] = write_shards(split, jobs, labels, names, out, int(shard_mb * 2**20), workers or os.cpu_count() or 1, refused)
+    (out / "refused.txt").write_text("".join(f"{line}\n" for line in refused))
+    summary = {"source": spec, "fingerprint": key, **settings, "written": counts, "refused": len(refused)}
+    manifest.write_text(json.dumps(summary, indent=2) + "\n")  # last: its presence means the shards are complete
+    return summary
+
+
+def run_command(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("source", help="imagefolder:DIR, parquet:PATH, or any --data source")
+    p.add_argument("--out", required=True, help="the folder to write the shards to")
+    p.add_argument("--max_side", type=int, default=None, help="re-encode so that the shorter side is at most N px")
+    p.add_argument("--shard_mb", type=float, default=256, help="target shard size in MiB")
+    p.add_argument("--workers", type=int, default=None, help="encoding processes (default: all cores)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
+    args = p.parse_args(argv)
+    summary = prepare(args.source, args.out, args.max_side, args.shard_mb, args.workers, args.quality)
+    print(f"Written: {summary['written']} images; refused: {summary['refused']} (see {Path(args.out) / 'refused.txt'}).")
+    print(f"Train on it: accelerate launch ssvit/pretrain.py --data parquet:{args.out}")
+    return summary
+
+
+def main(argv=None) -> dict:
+    with user_errors("ssvit-prepare", cli=argv is None):
+        return run_command(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""ssvit.prepare: an image folder to parquet shards in the hub layout, odd files included, done once."""
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image
+
+from ssvit.prepare import main as prepare_main
+from ssvit.pretrain import main as pretrain_main
+
+from conftest import IMAGENET_SAMPLE, tiny_args
+
+
+@pytest.fixture
+def odd_folder(tmp_path):
+    """ImageNet's layout with what ImageNet holds: RGB, grayscale and CMYK JPEGs, a PNG named .JPEG, and a
+    file that is not an image at all."""
+    root = tmp_path / "src/train"
+    for c, name in enumerate(("n01", "n02")):
+        (root / name).mkdir(parents=True)
+        for i in range(6):
+            colour = (200 * c, 30 * i, 100)
+            Image.new("RGB", (64 + 8 * i, 48), colour).save(root / name / f"{name}_{i}.JPEG", quality=95)
+    Image.new("L", (60, 40), 128).save(root / "n01/gray.JPEG")
+    Image.new("CMYK", (60, 40), (0, 255, 255, 0)).save(root / "n02/cmyk.JPEG")
+    Image.new("RGB", (50, 50), (220, 0, 0)).save(root / "n02/png_inside.JPEG", format="PNG")
+    (root / "n01/broken.JPEG").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+    return tmp_path / "src"
+
+
+def test_prepare_round_trip_refuses_the_broken_file_and_runs_once(odd_folder, tmp_path):
+    out = tmp_path / "shards"
+    summary = prepare_main([f"imagefolder:{odd_folder}", "--out", str(out), "--max_side", "32", "--shard_mb", "0.001",
+                            "--workers", "2"])  # fmt: skip
+    assert summary["written"] == {"train": 15} and summary["refused"] == 1
+    assert "broken.JPEG" in (out / "refused.txt").read_text()
+    shards = sorted(p.name for p in out.glob("*.parquet"))
+    assert len(shards) > 1 and shards[0] == f"train-00000-of-{len(shards):05d}.parquet"  # the hub's names
+    ds = datasets.load_dataset("parquet", data_dir=str(out))["train"]  # plain datasets reads it
+    assert ds.features["label"].names == ["n01", "n02"] and len(ds) == 15
+    for row in ds:
+        image = row["image"]
+        assert image.mode == "RGB" and min(image.size) == 32  # the shorter side, re-encoded
+    # Labels and pixels as written: every n02 image is red (200 or more, the CMYK one too), no n01 image is.
+    reds = {label: [] for label in (0, 1)}
+    for row in ds:
+        reds[row["label"]].append(np.asarray(row["image"])[..., 0].mean())
+    assert min(reds[1]) > 150 > max(reds[0])
+    stamps = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    again = prepare_main([f"imagefolder:{odd_folder}", "--out", str(out), "--max_side", "32", "--shard_mb", "0.001"])
+    assert again["fingerprint"] == summary["fingerprint"] and {p: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    result = pretrain_main(tiny_args(tmp_path, "--data", f"parquet:{out}", "--batch_size", "4", "--max_steps", "2",
+                                     "--val_fraction", "0.2"))  # fmt: skip
+    assert result["steps"] == 2
+
+
+@pytest.mark.skipif(not IMAGENET_SAMPLE.exists(), reason="../shared ImageNet sample not present")
+def test_prepare_the_shared_imagenet_sample_and_train_at_224(tmp_path):
+    out = tmp_path / "imagenet"
+    summary = prepare_main([f"imagefolder:{IMAGENET_SAMPLE}", "--out", str(out), "--max_side", "256", "--workers", "2"])
+    assert summary["written"]["train"] + summary["refused"] == 1000
+    result = pretrain_main(tiny_args(tmp_path, "--data", f"parquet:{out}", "--img_size", "224", "--batch_size", "8",
+                                     "--max_steps", "2", "--model_kwargs", "{patch_size: 16, embed_dim: 32, depth: 1, num_heads: 2}"))  # fmt: skip
+    assert result["steps"] == 2
