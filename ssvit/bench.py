@@ -258,6 +258,69 @@ def run(args) -> dict:
     return report
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The input pipeline at ImageNet resolution, per core (--pipeline)
+
+
+def _rate(items, fn, repeat: int = 1) -> float:
+    """Items per second of fn over items, one thread."""
+    t = time.perf_counter()
+    for _ in range(repeat):
+        for item in items:
+            fn(item)
+    return repeat * len(items) / (time.perf_counter() - t)
+
+
+def pipeline(args) -> dict:
+    """Images/s per core of each way to get a training image (random resized crop + flip at --img_size) from the
+    same photographs, side by side: timm's training transform (the baseline a user has today) over the JPEG
+    folder and over ssvit's prepared shards, ssvit's loader over both, and decode-only for each input."""
+    import io
+    import tempfile
+
+    from PIL import Image
+    from timm.data import create_transform
+
+    from ssvit.data import HFImages, _load_hf, augmentation
+    from ssvit.prepare import prepare
+
+    torch.set_num_threads(1)
+    size, n = args.img_size, args.images
+    folder = _load_hf(args.data)["train"].select(range(n))
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        prepare(args.data, tmp, max_side=args.max_side, workers=1, quiet=True, limit=n)
+        shards = _load_hf(f"parquet:{tmp}")["train"]
+        timm_transform = create_transform(size, is_training=True, color_jitter=None)
+        for name, ds in (("folder", folder), ("shards", shards)):
+            raw = [v["bytes"] or Path(v["path"]).read_bytes() for v in HFImages(ds, "image", None, size).raw["image"]]
+            rows[f"decode only, {name}"] = _rate(raw, lambda b: Image.open(io.BytesIO(b)).convert("RGB").load())
+            rows[f"timm create_transform, {name}"] = _rate(raw, lambda b: timm_transform(Image.open(io.BytesIO(b)).convert("RGB")))
+            ssvit = HFImages(ds, "image", None, size, augment=augmentation(size, (0.08, 1.0)))
+            rows[f"ssvit, {name}"] = _rate([(0, i) for i in range(len(ssvit))], ssvit.__getitem__)
+    fastest = rows["ssvit, shards"]
+    return {
+        "images_per_s_per_core": rows,
+        "ratios": {
+            "ssvit_shards_vs_timm_folder": fastest / rows["timm create_transform, folder"],
+            "ssvit_folder_vs_timm_folder": rows["ssvit, folder"] / rows["timm create_transform, folder"],
+            "ssvit_shards_vs_decode_only_shards": fastest / rows["decode only, shards"],
+        },
+        "cores_per_gpu_for_3000_images_per_s": 3000 / fastest,
+        "images": n, "img_size": size, "max_side": args.max_side, "data": args.data,
+        "cpu": _cpu_name(), "date": time.strftime("%Y-%m-%d"),
+    }  # fmt: skip
+
+
+def format_pipeline(report: dict) -> str:
+    lines = [f"{report['cpu']}, 1 thread, {report['images']} images of {report['data']} at {report['img_size']} px "
+             f"(shards: shorter side {report['max_side']} px), {report['date']}", "", "| pipeline | images/s per core |", "|---|---|"]  # fmt: skip
+    lines += [f"| {k} | {v:.0f} |" for k, v in report["images_per_s_per_core"].items()]
+    lines += ["", ", ".join(f"{k} {v:.2f}" for k, v in report["ratios"].items()),
+              f"cores per GPU to feed a ViT-B/16 at 3,000 images/s: {report['cores_per_gpu_for_3000_images_per_s']:.1f}"]  # fmt: skip
+    return "\n".join(lines)
+
+
 def _cpu_name() -> str:
     try:
         return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
@@ -301,7 +364,16 @@ def main(argv=None) -> dict:
     p.add_argument("--channels_last", action="store_true", help="channels_last model and images for ssvit (BiT, hybrids)")
     p.add_argument("--peers", nargs="*", default=["timm", "transformers"], help="peers to measure beside ssvit")
     p.add_argument("--out", default="bench.json")
+    p.add_argument("--pipeline", action="store_true", help="benchmark the input pipeline at --img_size instead of the step")
+    p.add_argument("--data", default="imagefolder:../shared/data/imagenet-sample", help="with --pipeline: the photographs")
+    p.add_argument("--images", type=int, default=300, help="with --pipeline: how many of them")
+    p.add_argument("--max_side", type=int, default=320, help="with --pipeline: shorter side of the prepared shards")
     args = p.parse_args(argv)
+    if args.pipeline:
+        report = pipeline(args)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(format_pipeline(report))
+        return report
     from ssvit.train import cpu_has_bf16
 
     if args.device == "cpu" and "bf16" in args.precision and not cpu_has_bf16():

@@ -64,8 +64,9 @@ class TrainConfig:
     """RandomResizedCrop area range (the paper's augmentation: random resized crop + flip)."""
     hflip: bool = True
     """Random horizontal flips."""
-    dataloader_num_workers: int = 0
-    """DataLoader worker processes (0: decode in the training process; best on 2 CPU cores)."""
+    dataloader_num_workers: Optional[int] = None
+    """DataLoader worker processes. Unset: none for data in the uint8 cache (nothing to decode), else the machine's
+    cores divided among the local processes (persistent, prefetching; pinned memory on CUDA)."""
 
     output_dir: str = "runs/latest"
     """Where checkpoints, logs, config.yaml and figures go."""

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch.utils.data import Dataset
@@ -312,12 +313,59 @@ def load_splits(cfg, is_main: bool = True) -> Splits:
 # Datasets and augmentation
 
 
-def augmentation(size: int, crop_scale=(0.35, 1.0), hflip: bool = True) -> v2.Compose:
-    """The ViT paper's training augmentation: random resized crop and horizontal flip (on uint8 tensors)."""
-    steps = [v2.RandomResizedCrop(size, scale=tuple(crop_scale), antialias=True)]
-    if hflip:
-        steps.append(v2.RandomHorizontalFlip())
-    return v2.Compose(steps)
+@dataclass(frozen=True)
+class Augmentation:
+    """The ViT paper's training augmentation: a random resized crop and a horizontal flip, drawn exactly as
+    torchvision's RandomResizedCrop and RandomHorizontalFlip draw them (tested equal), so that a crop box can be
+    drawn before anything is decoded: the fast JPEG path decodes only what the box needs (HFImages)."""
+
+    size: int
+    scale: tuple = (0.35, 1.0)
+    ratio: tuple = (3 / 4, 4 / 3)
+    hflip: bool = True
+
+    def draw(self, height: int, width: int) -> tuple[int, int, int, int, bool]:
+        """(top, left, height, width, flip) of the crop, from the current torch RNG."""
+        from torchvision.transforms import RandomResizedCrop
+
+        shape_only = torch.empty(1, 1, 1).expand(3, height, width)  # get_params reads the size, allocates nothing
+        i, j, h, w = RandomResizedCrop.get_params(shape_only, list(self.scale), list(self.ratio))
+        return i, j, h, w, self.hflip and bool(torch.rand(1) < 0.5)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        i, j, h, w, flip = self.draw(*image.shape[-2:])
+        out = v2.functional.resized_crop(image, i, j, h, w, [self.size, self.size], antialias=True)
+        return out.flip(-1) if flip else out
+
+
+def augmentation(size: int, crop_scale=(0.35, 1.0), hflip: bool = True) -> Augmentation:
+    return Augmentation(size, tuple(crop_scale), hflip=hflip)
+
+
+@contextmanager
+def item_rng(seed: int, epoch: int, index: int):
+    """Torch's RNG, forked and seeded by (seed, epoch, index): an item's augmentation depends on nothing else."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(hash((seed, epoch, index)) & 0x7FFF_FFFF_FFFF)
+        yield
+
+
+def decode_crop(source, draw: Callable[[int, int], tuple], size: int) -> torch.Tensor:
+    """Decode only what a crop box needs, straight to uint8 (3, size, size). The box is drawn from the image's
+    size (read from its header) by `draw`; JPEGs are then decoded at a reduced scale (libjpeg's DCT scaling,
+    PIL's draft) when the box keeps at least `size` pixels across at that scale, and the box is cropped and
+    resized in one antialiased resampling."""
+    from PIL import Image
+
+    with Image.open(source) as img:
+        width, height = img.size
+        i, j, h, w, flip = draw(height, width)
+        if img.format == "JPEG":
+            img.draft(None, (math.ceil(width * size / w), math.ceil(height * size / h)))
+        sx, sy = img.size[0] / width, img.size[1] / height
+        out = img.convert("RGB").resize((size, size), Image.BILINEAR, box=(j * sx, i * sy, (j + w) * sx, (i + h) * sy))
+    tensor = v2.functional.pil_to_tensor(out)
+    return tensor.flip(-1) if flip else tensor
 
 
 class ImageDataset(Dataset):
@@ -328,13 +376,13 @@ class ImageDataset(Dataset):
     alone. Resuming mid-epoch reproduces it exactly, whatever the loader prefetched before the interruption,
     and worker processes need no shared epoch counter."""
 
-    def __init__(self, labels: torch.Tensor, size: int, augment: Optional[v2.Compose] = None, seed: int = 0):
+    def __init__(self, labels: torch.Tensor, size: int, augment: Optional[Augmentation] = None, seed: int = 0):
         self.labels, self.size, self.augment, self.seed = labels, size, augment, seed
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def augmented(self, augment: Optional[v2.Compose], seed: int = 0) -> "ImageDataset":
+    def augmented(self, augment: Optional[Augmentation], seed: int = 0) -> "ImageDataset":
         """The same images with another augmentation (None: as stored, for evaluation)."""
         copy = self.__class__.__new__(self.__class__)
         copy.__dict__.update(self.__dict__, augment=augment, seed=seed)
@@ -347,8 +395,7 @@ class ImageDataset(Dataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         image = self._image(index)
         if self.augment is not None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(hash((self.seed, epoch, index)) & 0x7FFF_FFFF_FFFF)
+            with item_rng(self.seed, epoch, index):
                 image = self.augment(image)
         elif image.shape[-2:] != (self.size, self.size):
             image = v2.functional.center_crop(v2.functional.resize(image, self.size, antialias=True), self.size)
@@ -375,16 +422,34 @@ class TensorImages(ImageDataset):
 
 
 class HFImages(ImageDataset):
-    """Decodes per sample, for datasets too large to cache at the training resolution."""
+    """Decodes per sample, for datasets too large to cache at the training resolution. With augmentation, the
+    crop box is drawn from the image's header first and only what it needs is decoded (decode_crop); the
+    boxes are the same as the full-decode path's (fast_decode=False), drawn from the same RNG."""
 
-    def __init__(self, ds, image_column, label_column, size, name="", is_main=True, augment=None, seed: int = 0):
+    def __init__(self, ds, image_column, label_column, size, name="", is_main=True, augment=None, seed: int = 0,
+                 fast_decode: bool = True):  # fmt: skip
+        import datasets
+
         super().__init__(column(ds, label_column), size, augment, seed)
-        self.ds, self.image_column = ds, image_column
+        self.ds, self.image_column, self.fast_decode = ds, image_column, fast_decode
+        self.raw = ds.cast_column(image_column, datasets.Image(decode=False))
 
     def subset(self, indices: torch.Tensor) -> "HFImages":
         sub = self.augmented(self.augment, self.seed)
-        sub.ds, sub.labels = self.ds.select(indices.tolist()), self.labels[indices]
+        sub.ds, sub.raw, sub.labels = self.ds.select(indices.tolist()), self.raw.select(indices.tolist()), self.labels[indices]
         return sub
+
+    def __getitem__(self, key) -> dict:
+        if self.augment is None or not self.fast_decode:
+            return super().__getitem__(key)
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+
+        def draw(height, width):
+            with item_rng(self.seed, epoch, index):
+                return self.augment.draw(height, width)
+
+        image = decode_crop(_image_source(self.raw[index][self.image_column]), draw, self.size)
+        return {"image": image, "label": self.labels[index]}
 
     def _image(self, index: int) -> torch.Tensor:
         return v2.functional.pil_to_tensor(self.ds[index][self.image_column].convert("RGB"))

@@ -85,7 +85,7 @@ def fingerprint(spec: str, found: dict, settings: dict) -> str:
 
 
 def write_shards(split: str, jobs: list, labels: Optional[list[int]], names: list[str], out: Path, shard_bytes: int,
-                 workers: int, refused: list) -> int:  # fmt: skip
+                 workers: int, refused: list, quiet: bool = False) -> int:  # fmt: skip
     """Encode `jobs` in worker processes, in order, and write shards of about shard_bytes each."""
     import datasets
 
@@ -106,7 +106,7 @@ def write_shards(split: str, jobs: list, labels: Optional[list[int]], names: lis
     with ProcessPoolExecutor(workers) as pool:
         results = pool.map(_encode_one, jobs, chunksize=16)
         pairs = zip(zip(jobs, labels or [None] * len(jobs)), results)
-        for (job, label), (data, reason) in tqdm(pairs, total=len(jobs), desc=f"prepare {split}", unit="img"):
+        for (job, label), (data, reason) in tqdm(pairs, total=len(jobs), desc=f"prepare {split}", unit="img", disable=quiet):
             if data is None:
                 refused.append(f"{split}\t{job[0] if not isinstance(job[0], bytes) else '(bytes)'}\t{reason}")
                 continue
@@ -123,10 +123,11 @@ def write_shards(split: str, jobs: list, labels: Optional[list[int]], names: lis
 
 
 def prepare(spec: str, out: str | Path, max_side: Optional[int] = None, shard_mb: float = 256, workers: Optional[int] = None,
-            quality: int = 90) -> dict:  # fmt: skip
+            quality: int = 90, quiet: bool = False, limit: Optional[int] = None) -> dict:  # fmt: skip
+    """Write the shards (see the module docstring); `limit`: only the first N images of each split."""
     out = Path(out)
-    settings = {"max_side": max_side, "quality": quality, "shard_mb": shard_mb}
-    found = sources(spec)
+    settings = {"max_side": max_side, "quality": quality, "shard_mb": shard_mb, "limit": limit}
+    found = {k: (v[0][:limit], v[1] if v[1] is None else v[1][:limit], v[2]) for k, v in sources(spec).items()}
     key = fingerprint(spec, found, settings)
     manifest = out / "prepare.json"
     if manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") == key:
@@ -139,7 +140,8 @@ def prepare(spec: str, out: str | Path, max_side: Optional[int] = None, shard_mb
     refused, counts = [], {}
     for split, (images, labels, names) in found.items():
         jobs = [(image, max_side, quality) for image in images]
-        counts[split] = write_shards(split, jobs, labels, names, out, int(shard_mb * 2**20), workers or os.cpu_count() or 1, refused)
+        counts[split] = write_shards(split, jobs, labels, names, out, int(shard_mb * 2**20), workers or os.cpu_count() or 1,
+                                     refused, quiet)  # fmt: skip
     (out / "refused.txt").write_text("".join(f"{line}\n" for line in refused))
     summary = {"source": spec, "fingerprint": key, **settings, "written": counts, "refused": len(refused)}
     manifest.write_text(json.dumps(summary, indent=2) + "\n")  # last: its presence means the shards are complete

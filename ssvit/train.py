@@ -227,12 +227,12 @@ def setup(run: RunConfig, accelerator: Accelerator) -> State:
         raise UsageError(f"--batch_size {cfg.batch_size} is larger than the training set ({len(splits.train)} images).")
     sampler = EpochSampler(len(splits.train), cfg.seed, num_samples=steps_per_epoch * cfg.batch_size)
     micro_batch = cfg.batch_size // (world * accum)
+    workers = loader_workers(cfg, splits)
     # Its own generator: creating an iterator draws a seed, which must not come from the global RNG (a resumed
     # run creates its iterator at another point of the global RNG stream).
     loader = DataLoader(splits.train, batch_size=micro_batch, sampler=sampler, drop_last=True,
-                        num_workers=cfg.dataloader_num_workers, generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
-    held_out = [DataLoader(s, batch_size=max(cfg.batch_size // world, 1), num_workers=cfg.dataloader_num_workers)
-                for s in (splits.val, splits.test) if s is not None]  # fmt: skip
+                        generator=torch.Generator().manual_seed(cfg.seed), **workers)  # fmt: skip
+    held_out = [DataLoader(s, batch_size=max(cfg.batch_size // world, 1), **workers) for s in (splits.val, splits.test) if s is not None]
     model, optimizer, loader, val_loader, *test_loader = accelerator.prepare(model, optimizer, loader, *held_out)
     if cfg.compile:
         model = torch.compile(model)
@@ -259,6 +259,21 @@ def setup(run: RunConfig, accelerator: Accelerator) -> State:
         f"lr {lr:.3g}, {cfg.max_steps} steps ({steps_per_epoch} per epoch), precision {accelerator.mixed_precision}"
     )
     return state
+
+
+def loader_workers(cfg: TrainConfig, splits: Splits) -> dict:
+    """DataLoader worker settings: --dataloader_num_workers, or none for cached data and the cores shared by
+    the local processes otherwise. Workers are safe for exact resume: an item's augmentation is seeded by its
+    (epoch, index) key, not by a worker's RNG."""
+    from ssvit.data import TensorImages
+
+    n = cfg.dataloader_num_workers
+    if n is None:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        n = 0 if isinstance(splits.train, TensorImages) else max(1, (os.cpu_count() or 1) // local)
+    if n == 0:
+        return {"num_workers": 0}
+    return {"num_workers": n, "persistent_workers": True, "prefetch_factor": 4, "pin_memory": torch.cuda.is_available()}
 
 
 class Window:

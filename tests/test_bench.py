@@ -18,3 +18,18 @@ def test_bench_reports_throughput_flops_mfu_and_peers(tmp_path):
     assert set(ours["step_split_s"]) == {"data_wait_s", "forward_s", "backward_s", "optimizer_s"}
     assert "timm_supervised" in fp32["steps"]
     assert {"mfu", "time_vs_timm_supervised", "input_pipeline_vs_step"} <= set(fp32["ratios"])
+
+
+def test_pipeline_benchmark_reports_every_row_and_the_ratios(tmp_path):
+    from conftest import IMAGENET_SAMPLE
+    import pytest
+
+    if not IMAGENET_SAMPLE.exists():
+        pytest.skip("../shared ImageNet sample not present")
+    report = main(["--pipeline", "--data", f"imagefolder:{IMAGENET_SAMPLE}", "--images", "8", "--img_size", "64",
+                   "--max_side", "96", "--out", str(tmp_path / "pipeline.json")])  # fmt: skip
+    rows = report["images_per_s_per_core"]
+    assert {"decode only, folder", "timm create_transform, folder", "ssvit, folder", "decode only, shards",
+            "timm create_transform, shards", "ssvit, shards"} == set(rows)  # fmt: skip
+    assert all(v > 0 for v in rows.values()) and report["cores_per_gpu_for_3000_images_per_s"] > 0
+    assert set(report["ratios"]) == {"ssvit_shards_vs_timm_folder", "ssvit_folder_vs_timm_folder", "ssvit_shards_vs_decode_only_shards"}

@@ -106,3 +106,43 @@ def test_augmentation_depends_on_epoch_and_index_only():
 def test_shared_cifar10_loads_with_a_held_out_split():
     splits = load_splits(cfg(f"parquet:{CIFAR}", img_size=32, val_fraction=0.02))
     assert len(splits.train) == 49_000 and len(splits.val) == 1_000 and splits.num_classes == 10
+
+
+def test_augmentation_draws_exactly_as_torchvision():
+    from torchvision.transforms import v2
+
+    from ssvit.data import Augmentation
+
+    img = torch.randint(0, 255, (3, 300, 200), dtype=torch.uint8)
+    theirs = v2.Compose([v2.RandomResizedCrop(32, scale=(0.35, 1.0), antialias=True), v2.RandomHorizontalFlip()])
+    ours = Augmentation(32, (0.35, 1.0))
+    for seed in range(100):
+        torch.manual_seed(seed)
+        expected = theirs(img)
+        torch.manual_seed(seed)
+        assert torch.equal(ours(img), expected)
+
+
+def test_fast_jpeg_decode_draws_the_same_crop_boxes_as_the_full_decode(tmp_path, monkeypatch):
+    from ssvit.data import Augmentation, HFImages
+
+    def photo(i):  # smooth content, so that decoding at a reduced DCT scale changes pixels little
+        y, x = torch.meshgrid(torch.linspace(0, 1, 360), torch.linspace(0, 1, 480), indexing="ij")
+        rgb = torch.stack([x, y, (x * y + i / 40) % 1]) * 255
+        buf = io.BytesIO()
+        Image.fromarray(rgb.permute(1, 2, 0).byte().numpy()).save(buf, format="JPEG", quality=95)
+        return {"bytes": buf.getvalue(), "path": None}
+
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    ds = datasets.Dataset.from_dict({"img": [photo(i) for i in range(40)], "label": [i % 2 for i in range(40)]}, features=features)
+    augment = Augmentation(32, (0.08, 1.0))  # small crops too: 1/8 scale decoding happens
+    boxes = {True: [], False: []}
+    draw = Augmentation.draw
+    for fast in (True, False):
+        monkeypatch.setattr(Augmentation, "draw", lambda self, h, w, fast=fast: boxes[fast].append(draw(self, h, w)) or boxes[fast][-1])
+        images = HFImages(ds, "img", "label", 32, augment=augment, seed=3, fast_decode=fast)
+        boxes[fast].append([images[(epoch, i)]["image"] for epoch in (0, 1) for i in range(40)])
+    fast_images, full_images = boxes[True].pop(), boxes[False].pop()
+    assert boxes[True] == boxes[False] and len(boxes[True]) == 80  # the same boxes and flips, item for item
+    diff = torch.stack(fast_images).float().sub(torch.stack(full_images).float()).abs().mean()
+    assert diff < 4  # the same crops, up to the decoder's scale and the resampling (out of 255)

@@ -100,9 +100,11 @@ def test_non_finite_loss_stops_and_writes_no_bad_checkpoint(tmp_path):
     assert not list((tmp_path / "run/checkpoints").glob("step_*"))
 
 
-def test_sigkill_mid_epoch_then_resume_gives_the_same_losses(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2], ids=["in_process", "two_workers"])
+def test_sigkill_mid_epoch_then_resume_gives_the_same_losses(tmp_path, workers):
     # 540 training images at batch 16: 33 steps an epoch; checkpoints every 5 steps are mid-epoch.
-    common = ["--max_steps", "120", "--save_steps", "5", "--save_total_limit", "3"]
+    steps = 120 if not workers else 45
+    common = ["--max_steps", str(steps), "--save_steps", "5", "--save_total_limit", "3", "--dataloader_num_workers", str(workers)]
     main(tiny_args(tmp_path / "straight", *common))
     reference = losses(tmp_path / "straight/run")
 
@@ -116,15 +118,15 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_losses(tmp_path):
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     killed_at = max(losses(tmp_path / "killed/run"))
-    assert killed_at < 120
+    assert killed_at < steps
 
     result = main([*args, "--resume"])
     resumed = losses(tmp_path / "killed/run")
-    assert result["steps"] == 120
+    assert result["steps"] == steps
     after = [s for s in reference if s > 10]
     assert [resumed[s] for s in after] == [reference[s] for s in after]  # exact in fp32 on CPU
     logged = [json.loads(line)["step"] for line in (tmp_path / "killed/run/metrics.jsonl").read_text().splitlines() if "train/loss" in line]
-    assert logged == list(range(1, 121))  # each step once: what the killed run logged after step 10 was dropped
+    assert logged == list(range(1, steps + 1))  # each step once: what the killed run logged after its checkpoint was dropped
 
 
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
