@@ -363,7 +363,9 @@ def decode_crop(source, draw: Callable[[int, int], tuple], size: int) -> torch.T
         if img.format == "JPEG":
             img.draft(None, (math.ceil(width * size / w), math.ceil(height * size / h)))
         sx, sy = img.size[0] / width, img.size[1] / height
-        out = img.convert("RGB").resize((size, size), Image.BILINEAR, box=(j * sx, i * sy, (j + w) * sx, (i + h) * sy))
+        if img.mode != "RGB":  # convert() copies the whole decoded image: only when it must (grayscale, CMYK...)
+            img = img.convert("RGB")
+        out = img.resize((size, size), Image.BILINEAR, box=(j * sx, i * sy, (j + w) * sx, (i + h) * sy))
     tensor = v2.functional.pil_to_tensor(out)
     return tensor.flip(-1) if flip else tensor
 
