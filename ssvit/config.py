@@ -197,6 +197,14 @@ def check(cfg: TrainConfig) -> None:
             problems.append(f"--{name} {value}: must be a fraction between 0 and 1.")
     if cfg.warmup_steps < 0 or cfg.weight_decay < 0 or (cfg.max_grad_norm is not None and cfg.max_grad_norm <= 0):
         problems.append("--warmup_steps and --weight_decay must be >= 0 and --max_grad_norm > 0 (or null to disable clipping).")
+    if problems:
+        raise UsageError("\n".join(problems))
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """Refuse missing --init, --data and --resume paths when a run starts (before anything is read or written;
+    parsing a preset alone does not need its paths to exist)."""
+    problems = []
     if cfg.init and not cfg.init.startswith("timm:"):
         from ssvit.models import read_state_dict
 

@@ -34,7 +34,7 @@ from ssvit.checkpoints import (
     save_checkpoint,
     trim_metrics,
 )
-from ssvit.config import RunConfig, TrainConfig
+from ssvit.config import RunConfig, TrainConfig, check_paths
 from ssvit.data import EpochSampler, Splits, load_splits
 from ssvit.errors import NonFiniteLossError, UsageError
 from ssvit import evals
@@ -426,6 +426,7 @@ def finish(state: State) -> dict:
 
 def train(run: RunConfig) -> dict:
     cfg = run.train
+    check_paths(cfg)
     output_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg, [*cfg.report_to, JSONLTracker(output_dir / "metrics.jsonl")])
     world, accum = accelerator.num_processes, cfg.gradient_accumulation_steps
