@@ -23,6 +23,7 @@ from typing import Optional
 import yaml
 
 from ssvit.config import parse, preset, saved_config, saved_train_config
+from ssvit.errors import command
 
 
 @dataclass
@@ -264,11 +265,7 @@ def run_command(argv=None) -> list[dict]:
     return rows
 
 
-def main(argv=None):
-    from ssvit.errors import user_errors
-
-    with user_errors("ssvit-compare", cli=argv is None):
-        return run_command(argv)
+main = command("ssvit-compare")(run_command)
 
 
 if __name__ == "__main__":

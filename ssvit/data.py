@@ -433,12 +433,12 @@ class HFImages(ImageDataset):
         import datasets
 
         super().__init__(column(ds, label_column), size, augment, seed)
-        self.ds, self.image_column, self.fast_decode = ds, image_column, fast_decode
-        self.raw = ds.cast_column(image_column, datasets.Image(decode=False))
+        self.image_column, self.fast_decode = image_column, fast_decode
+        self.raw = ds.cast_column(image_column, datasets.Image(decode=False))  # bytes or paths: PIL decodes
 
     def subset(self, indices: torch.Tensor) -> "HFImages":
         sub = self.augmented(self.augment, self.seed)
-        sub.ds, sub.raw, sub.labels = self.ds.select(indices.tolist()), self.raw.select(indices.tolist()), self.labels[indices]
+        sub.raw, sub.labels = self.raw.select(indices.tolist()), self.labels[indices]
         return sub
 
     def __getitem__(self, key) -> dict:
@@ -454,7 +454,10 @@ class HFImages(ImageDataset):
         return {"image": image, "label": self.labels[index]}
 
     def _image(self, index: int) -> torch.Tensor:
-        return v2.functional.pil_to_tensor(self.ds[index][self.image_column].convert("RGB"))
+        from PIL import Image
+
+        with Image.open(_image_source(self.raw[index][self.image_column])) as img:
+            return v2.functional.pil_to_tensor(img.convert("RGB"))
 
 
 class EpochSampler(torch.utils.data.Sampler):

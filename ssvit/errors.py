@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from contextlib import contextmanager
 
@@ -29,3 +30,17 @@ def user_errors(prog: str, cli: bool):
             raise
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def command(prog: str):
+    """`main = command("ssvit-x")(run_command)`: the command's entry point, with user_errors around it."""
+
+    def wrap(run):
+        @functools.wraps(run)
+        def main(argv=None):
+            with user_errors(prog, cli=argv is None):
+                return run(argv)
+
+        return main
+
+    return wrap

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ssvit.errors import command
 from ssvit.features import evaluate_backbone, format_table, representation_for
 
 
@@ -74,11 +75,7 @@ def run_command(argv=None) -> dict:
     return result
 
 
-def main(argv=None):
-    from ssvit.errors import user_errors
-
-    with user_errors("ssvit-evaluate", cli=argv is None):
-        return run_command(argv)
+main = command("ssvit-evaluate")(run_command)
 
 
 if __name__ == "__main__":

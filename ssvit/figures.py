@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ssvit.config import saved_train_config
-from ssvit.errors import UsageError
+from ssvit.errors import UsageError, command
 from ssvit.models import build_timm_model
 
 
@@ -148,11 +148,7 @@ def run_command(argv=None) -> dict:
     return summary
 
 
-def main(argv=None):
-    from ssvit.errors import user_errors
-
-    with user_errors("ssvit-figures", cli=argv is None):
-        return run_command(argv)
+main = command("ssvit-figures")(run_command)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import Optional
 
 from tqdm.auto import tqdm
 
-from ssvit.errors import UsageError, user_errors
+from ssvit.errors import UsageError, command
 
 
 def encode(source, max_side: Optional[int], quality: int) -> tuple[Optional[bytes], str]:
@@ -163,9 +163,7 @@ def run_command(argv=None) -> dict:
     return summary
 
 
-def main(argv=None) -> dict:
-    with user_errors("ssvit-prepare", cli=argv is None):
-        return run_command(argv)
+main = command("ssvit-prepare")(run_command)
 
 
 if __name__ == "__main__":

@@ -182,7 +182,6 @@ class State:
     val_loader: DataLoader
     test_loader: Optional[DataLoader]
     ema: Optional[ModelEmaV3]
-    lr: float
     step: int = 0
     start_step: int = 0
     last_checkpoint: Optional[Path] = None
@@ -239,7 +238,7 @@ def setup(run: RunConfig, accelerator: Accelerator) -> State:
     unwrapped = accelerator.unwrap_model(model)
     ema = ModelEmaV3(unwrapped, decay=cfg.ema_decay) if cfg.ema_decay else None
     state = State(run, accelerator, splits, model, unwrapped, optimizer, make_scheduler(optimizer, cfg), loader, sampler,
-                  val_loader, (test_loader or [None])[0], ema, lr, last_checkpoint=resume_from)  # fmt: skip
+                  val_loader, (test_loader or [None])[0], ema, last_checkpoint=resume_from)  # fmt: skip
     if resume_from is not None:
         state.step = state.start_step = load_checkpoint(accelerator, resume_from, unwrapped, ema, f"this {cfg.objective} run")
         state.scheduler.step_update(state.step)
