@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Optional
@@ -134,8 +135,17 @@ def prepare(spec: str, out: str | Path, max_side: Optional[int] = None, shard_mb
         summary = json.loads(manifest.read_text())
         print(f"{out} is already prepared from {spec} with these settings: nothing to do.")
         return summary
-    if out.exists() and any(out.glob("*.parquet")):
-        raise UsageError(f"--out {out} holds parquet files from another source or settings: choose an empty folder.")
+    if manifest.exists():
+        raise UsageError(f"--out {out} was prepared from another source or with other settings (its prepare.json): "
+                         f"choose another folder, or delete it to rebuild.")  # fmt: skip
+    ours = re.compile(r"(train|validation|test)-\d{5}-of-\d{5}\.parquet")
+    leftovers = list(out.glob("*.parquet")) if out.exists() else []
+    if any(not ours.fullmatch(p.name) for p in leftovers):
+        raise UsageError(f"--out {out} holds parquet files that ssvit.prepare did not write: choose an empty folder.")
+    for p in [*leftovers, *out.glob(".*.parquet.tmp")]:  # an interrupted run (no prepare.json yet): start again
+        p.unlink()
+    if leftovers:
+        print(f"{out}: an earlier run did not finish (no prepare.json); its {len(leftovers)} shards are rebuilt.")
     out.mkdir(parents=True, exist_ok=True)
     refused, counts = [], {}
     for split, (images, labels, names) in found.items():

@@ -62,3 +62,15 @@ def test_prepare_the_shared_imagenet_sample_and_train_at_224(tmp_path):
     result = pretrain_main(tiny_args(tmp_path, "--data", f"parquet:{out}", "--img_size", "224", "--batch_size", "8",
                                      "--max_steps", "2", "--model_kwargs", "{patch_size: 16, embed_dim: 32, depth: 1, num_heads: 2}"))  # fmt: skip
     assert result["steps"] == 2
+
+
+def test_an_interrupted_prepare_is_rebuilt_and_other_settings_are_refused(odd_folder, tmp_path, capsys):
+    from ssvit.errors import UsageError
+
+    out = tmp_path / "shards"
+    args = [f"imagefolder:{odd_folder}", "--out", str(out), "--max_side", "32", "--workers", "1"]
+    prepare_main(args)
+    (out / "prepare.json").unlink()  # as if killed between the last shard and the manifest
+    assert prepare_main(args)["written"] == {"train": 15} and "did not finish" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="another source or with other settings"):
+        prepare_main([*args[:-2], "--max_side", "48"])
