@@ -23,7 +23,7 @@ from typing import Optional
 import yaml
 
 from ssvit.config import parse, preset, saved_config, saved_train_config
-from ssvit.errors import command
+from ssvit.errors import UsageError, command
 
 
 @dataclass
@@ -47,6 +47,11 @@ class Study:
     """name -> masked_patch flags, e.g. {mask_ratio_0.15: {masked_patch.mask_ratio: 0.15}}."""
     arms: list = field(default_factory=lambda: list(ARMS))
     """Which arms run (see ARMS)."""
+    budgets: list = field(default_factory=list)
+    """Compute on the x-axis: total images processed (pretraining plus fine-tuning) of each cell. When given, the
+    study runs scratch and masked patch at each of these budgets instead of the arms (run_budget_study)."""
+    pretrain_shares: list = field(default_factory=lambda: [0.5, 0.75])
+    """With budgets: the shares of a budget that masked patch spends on pretraining, the rest on fine-tuning."""
 
 
 ARMS = ("scratch", "scratch_matched", "supervised", "masked_patch")
@@ -71,15 +76,19 @@ def images_processed(study: Study, arm: str) -> int:
     return images + (pretrain["max_steps"] * pretrain["batch_size"] if pretrain and arm != "scratch" else 0)
 
 
+def with_steps(flags: dict, resolved_flags: dict, steps: int) -> dict:
+    """`flags` run for `steps` steps; the warmup keeps its share of the (longer or shorter) schedule."""
+    warmup = round(resolved_flags["warmup_steps"] * steps / resolved_flags["max_steps"])
+    return {**flags, "max_steps": steps, "warmup_steps": warmup}
+
+
 def finetune_flags(study: Study, arm: str) -> dict:
     """The fine-tuning flags of an arm. scratch_matched runs as many fine-tuning-batch steps as masked-patch
-    pretraining plus fine-tuning process images, with the fine-tuning lr; its warmup keeps the same share of
-    its (longer) schedule."""
+    pretraining plus fine-tuning process images, with the fine-tuning lr."""
     if arm != "scratch_matched":
         return study.finetune
     _, finetune = resolved(study, arm)
-    steps = math.ceil(images_processed(study, arm) / finetune["batch_size"])
-    return {**study.finetune, "max_steps": steps, "warmup_steps": round(finetune["warmup_steps"] * steps / finetune["max_steps"])}
+    return with_steps(study.finetune, finetune, math.ceil(images_processed(study, arm) / finetune["batch_size"]))
 
 
 def flags(mapping: dict) -> list[str]:
@@ -100,20 +109,26 @@ def run_once(argv: list[str], output_dir: Path, defaults: Optional[dict] = None)
     return train(run)
 
 
-def pretraining_flops(run_dir: Path) -> float:
-    """FLOPs of the whole pretraining: one training step counted with FlopCounterMode, times the steps."""
+def flops_per_image(run_dir: Path) -> float:
+    """FLOPs of one training image (forward and backward) of a run's objective, counted with FlopCounterMode."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from ssvit.train import build_objective
 
     saved = saved_config(run_dir)
-    run = parse(["--config", str(run_dir / "config.yaml")])
+    run = parse(["--config", str(run_dir / "config.yaml"), "--init", "null"])  # the architecture, not the weights
     model = build_objective(run, num_classes=10)
-    images = torch.rand(saved["batch_size"], 3, saved["img_size"], saved["img_size"])
+    images = torch.rand(2, 3, saved["img_size"], saved["img_size"])
     with FlopCounterMode(display=False) as counter:
         model(images, torch.zeros(len(images), dtype=torch.long)).loss.backward()
-    return counter.get_total_flops() * saved["max_steps"]
+    return counter.get_total_flops() / len(images)
+
+
+def pretraining_flops(run_dir: Path) -> float:
+    """FLOPs of the whole pretraining: FLOPs per image times the images it processed."""
+    saved = saved_config(run_dir)
+    return flops_per_image(run_dir) * saved["max_steps"] * saved["batch_size"] * saved["gradient_accumulation_steps"]
 
 
 # Two-sided 95% quantiles of Student's t by degrees of freedom (seeds - 1); the normal 1.96 beyond.
@@ -136,6 +151,67 @@ def paired_difference(arm: dict, scratch: dict) -> Optional[tuple[float, float]]
     data order for every arm, so pairing removes that share of the spread from the comparison."""
     diffs = [arm[s] - scratch[s] for s in arm if s in scratch]
     return (statistics.mean(diffs), confidence_interval(diffs)) if len(diffs) >= 2 else None
+
+
+def budget_plan(study: Study) -> list[tuple[str, int, int]]:
+    """(arm, pretraining images, fine-tuning images) of every budget cell, checked before any work is done:
+    scratch spends the whole budget on fine-tuning, masked_patch<share> that share of it on pretraining."""
+    pretrain, finetune = resolved(study, "masked_patch")
+    cells = []
+    for budget in study.budgets:
+        for share in [0, *study.pretrain_shares]:
+            if not 0 <= share < 1:
+                raise UsageError(f"pretrain_shares: {share} is not a share of a budget in (0, 1).")
+            pre = round(share * budget)
+            for images, batch, what in ((pre, pretrain["batch_size"], "pretraining"), (budget - pre, finetune["batch_size"], "fine-tuning")):
+                if images % batch:
+                    raise UsageError(f"budget {budget} at pretraining share {share}: {images} {what} images are not a whole "
+                                     f"number of batches of {batch}. Choose budgets that are multiples of both batch sizes.")  # fmt: skip
+            cells.append(("scratch" if share == 0 else f"masked_patch{share:g}", pre, budget - pre))
+    return cells
+
+
+def budget_pretrainings(study: Study, plan: list[tuple[str, int, int]]) -> dict[int, str]:
+    """Pretraining images -> checkpoint: one masked-patch pretraining per size, shared by seeds and label fractions."""
+    pretrain, _ = resolved(study, "masked_patch")
+    checkpoints = {}
+    for _, pre, _ in plan:
+        if pre and pre not in checkpoints:
+            argv = [*flags(study.base), "--objective", "masked_patch", "--fewshot_steps", "0",
+                    *flags(with_steps({**study.pretrain, **study.masked_patch}, pretrain, pre // pretrain["batch_size"]))]  # fmt: skip
+            checkpoints[pre] = run_once(argv, Path(study.output_dir) / "runs" / f"pretrain_masked_patch_{pre}")["checkpoint"]
+    return checkpoints
+
+
+def run_budget_study(study: Study) -> list[dict]:
+    """Compute on the x-axis (the paper's Figure 5 is the model): scratch and masked patch at the same total
+    budgets of images processed, masked patch splitting each budget between pretraining and fine-tuning in
+    several ways. The report pairs each masked-patch cell by seed with scratch at the same total and, where the
+    grid has it, scratch with the same fine-tuning images."""
+    root = Path(study.output_dir)
+    plan = budget_plan(study)
+    _, finetune = resolved(study, "masked_patch")
+    checkpoints = budget_pretrainings(study, plan)
+    flops = {}
+    rows = []
+    for seed in study.seeds:  # seed by seed, so that a partial study already has whole curves
+        for fraction in study.label_fractions:
+            for arm, pre, fine in plan:
+                init = ["--init", checkpoints[pre]] if pre else []
+                argv = [*flags(study.base), *init, *flags(with_steps(study.finetune, finetune, fine // finetune["batch_size"])),
+                        "--label_fraction", str(fraction), "--seed", str(seed), "--fewshot_steps", "0"]  # fmt: skip
+                run_dir = root / "runs" / f"finetune_{arm}_images{pre + fine}_frac{fraction}_seed{seed}"
+                result = run_once(argv, run_dir, defaults=preset("finetune"))
+                for key, folder in (("finetune", run_dir), ("pretrain", root / "runs" / f"pretrain_masked_patch_{pre}")):
+                    if key not in flops and folder.exists():
+                        flops[key] = flops_per_image(folder)
+                rows.append({"kind": "budget", "arm": arm, "label_fraction": fraction, "seed": seed, "images": pre + fine,
+                             "pretrain_images": pre, "finetune_images": fine,
+                             "flops": fine * flops["finetune"] + (pre * flops["pretrain"] if pre else 0),
+                             "top1": result.get("test/top1", result["val/top1"]), "val_top1": result["val/top1"],
+                             "split": "test" if "test/top1" in result else "val"})  # fmt: skip
+                write_budget_report(rows, root)
+    return rows
 
 
 def run_study(study: Study) -> list[dict]:
@@ -191,17 +267,65 @@ def finetune_row(study: Study, arm: str, fraction: float, seed: int, pretrained:
             "split": "test" if "test/top1" in result else "val", "top5": result.get("test/top5", result.get("val/top5"))}  # fmt: skip
 
 
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_budget_report(rows: list[dict], root: Path) -> None:
+    """results.csv, results.md (every cell: mean ± 95% CI over seeds, gains paired by seed) and
+    accuracy_vs_compute.png (top-1 against total training FLOPs, one panel per label fraction)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    write_csv(rows, root / "results.csv")
+    split = rows[0]["split"]
+    by = lambda arm, fraction, images, key="top1": {r["seed"]: r[key] for r in rows  # noqa: E731
+                                                    if (r["arm"], r["label_fraction"], r["images"]) == (arm, fraction, images)}  # fmt: skip
+    lines = [f"Fine-tuning top-1 on the {split} split (validation beside it), mean ± 95% CI over seeds; gains paired by seed "
+             f"against scratch with the same total images, and with the same fine-tuning images where the grid has it.", "",
+             f"| arm | label fraction | total images | pretraining + fine-tuning images | total FLOPs | {split} top-1 "
+             f"| validation top-1 | minus scratch (same total) | minus scratch (same fine-tuning images) | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    cells = list(dict.fromkeys((r["arm"], r["label_fraction"], r["images"], r["pretrain_images"], r["finetune_images"]) for r in rows))
+    fig, axes = plt.subplots(1, len({c[1] for c in cells}), figsize=(5 * len({c[1] for c in cells}), 4), squeeze=False)
+    panels = {f: ax for f, ax in zip(sorted({c[1] for c in cells}), axes[0])}
+    curves = {}
+    for arm, fraction, images, pre, fine in sorted(cells, key=lambda c: (c[1], c[0] != "scratch", c[0], c[2])):
+        top1 = by(arm, fraction, images)
+        mean, ci = statistics.mean(top1.values()), confidence_interval(list(top1.values()))
+        flops = statistics.mean(r["flops"] for r in rows if (r["arm"], r["label_fraction"], r["images"]) == (arm, fraction, images))
+        gains = [paired_difference(top1, by("scratch", fraction, ref)) if arm != "scratch" else None for ref in (images, fine)]
+        gains = [f"{g[0]:+.2%} ± {g[1]:.2%}" if g else "" for g in gains]
+        spread = "" if math.isnan(ci) else f" ± {ci:.2%}"  # one seed has no interval
+        lines.append(f"| {arm} | {fraction:g} | {images:,} | {pre:,} + {fine:,} | {flops:.3g} | {mean:.2%}{spread} | "
+                     f"{statistics.mean(by(arm, fraction, images, 'val_top1').values()):.2%} | {gains[0]} | {gains[1]} | {len(top1)} |")  # fmt: skip
+        curves.setdefault((arm, fraction), []).append((flops, mean, 0 if math.isnan(ci) else ci))
+    for (arm, fraction), points in curves.items():
+        xs, ys, cis = zip(*points)
+        panels[fraction].errorbar(xs, ys, yerr=cis, marker="o", capsize=3, label=arm if arm == "scratch" else
+                                  f"masked patch, {float(arm.removeprefix('masked_patch')):.0%} of the budget pretraining")  # fmt: skip
+    for fraction, ax in panels.items():
+        ax.set(xscale="log", xlabel="total training compute (FLOPs, pretraining + fine-tuning)", ylabel=f"{split} top-1",
+               title=f"{fraction:.0%} of the labels")  # fmt: skip
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(root / "accuracy_vs_compute.png", dpi=150)
+    plt.close(fig)
+    (root / "results.md").write_text("\n".join(lines) + "\n")
+
+
 def write_report(rows: list[dict], root: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted({k for r in rows for k in r})
-    with (root / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, root / "results.csv")
 
     split = next((r["split"] for r in rows if r["kind"] == "finetune"), "val")
     lines = [f"Fine-tuning top-1 on the {split} split (validation beside it), mean ± 95% CI over seeds; gains paired by seed.", "",
@@ -260,7 +384,7 @@ def run_command(argv=None) -> list[dict]:
     p.add_class_arguments(Study)
     ns = p.parse_args(argv)
     study = Study(**{k: v for k, v in vars(ns).items() if k in Study.__dataclass_fields__})
-    rows = run_study(study)
+    rows = run_budget_study(study) if study.budgets else run_study(study)
     print((Path(study.output_dir) / "results.md").read_text())
     return rows
 

@@ -173,6 +173,7 @@ def parse(argv: Optional[list[str]] = None, defaults: Optional[dict] = None, pro
     ns = parser.parse_args(_flag_aliases(sys.argv[1:] if argv is None else list(argv)))
     if ns.model_kwargs is None:  # defaults that belong to one architecture apply to it only
         ns.model_kwargs = dict(DEFAULT_MODEL_KWARGS.get(ns.model, {}))
+    ns.model_kwargs = {**ns.model_kwargs, **pooling_for_init(ns.init, ns.objective, ns.model_kwargs)}
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     train = TrainConfig(**{k: v for k, v in vars(ns).items() if k in train_keys})
     objective_cls = objectives.get(train.objective)
@@ -180,6 +181,22 @@ def parse(argv: Optional[list[str]] = None, defaults: Optional[dict] = None, pro
     objective_cls.check_options(train, options)
     check(train)
     return RunConfig(train, options, ns, parser)
+
+
+MASKED_PATCH_POOLING = {"global_pool": "avg", "fc_norm": False}
+"""How a classifier reads a masked-patch backbone unless --model_kwargs says otherwise: the mean of the patch
+tokens (after the final norm, so the checkpoint's weights fit). Masked patch prediction trains the patch
+tokens' outputs and never the class token's (App. B.1.2); on validation, fine-tuning read the mean patch token
+better (README, "Which token fine-tuning reads")."""
+
+
+def pooling_for_init(init: Optional[str], objective: str, model_kwargs: dict) -> dict:
+    """MASKED_PATCH_POOLING when a classifier starts from an ssvit masked-patch checkpoint and the user chose no
+    pooling; nothing otherwise (a supervised checkpoint's class token is trained, and timm's default stays)."""
+    if not init or objective == "masked_patch" or "global_pool" in model_kwargs or not Path(init).exists():
+        return {}
+    saved = saved_config(init)
+    return dict(MASKED_PATCH_POOLING) if saved and saved.get("objective") == "masked_patch" else {}
 
 
 def check(cfg: TrainConfig) -> None:

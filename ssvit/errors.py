@@ -15,8 +15,12 @@ class NonFiniteLossError(RuntimeError):
     """Training diverged: the message names the step, the last good checkpoint and what to change."""
 
 
+class PeerLostError(RuntimeError):
+    """Another process of a multi-process run stopped (a host died, a process was killed): this one cannot go on."""
+
+
 # What the commands print as one line instead of a traceback: our own messages, written for the user.
-USER_ERRORS = (UsageError, NonFiniteLossError, FileNotFoundError, FileExistsError, ConnectionError, PermissionError)
+USER_ERRORS = (UsageError, NonFiniteLossError, PeerLostError, FileNotFoundError, FileExistsError, ConnectionError, PermissionError)
 
 
 @contextmanager

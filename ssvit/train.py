@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import ProjectConfiguration, set_seed
@@ -26,6 +28,7 @@ from tqdm.auto import tqdm
 
 import objectives
 from ssvit.checkpoints import (
+    checkpoints_in,
     hold_folder,
     load_checkpoint,
     read_best,
@@ -36,7 +39,7 @@ from ssvit.checkpoints import (
 )
 from ssvit.config import RunConfig, TrainConfig, check_paths
 from ssvit.data import EpochSampler, Splits, load_splits
-from ssvit.errors import NonFiniteLossError, UsageError
+from ssvit.errors import NonFiniteLossError, PeerLostError, UsageError
 from ssvit import evals
 from ssvit.evals import EVALUATORS
 from ssvit.models import create_backbone, describe, load_init, set_fused_attention
@@ -189,6 +192,7 @@ class State:
     eval_result: dict = field(default_factory=dict)
     train_seconds: float = 0.0
     wait_seconds: float = 0.0
+    images_seen: int = 0  # by this process, since this invocation started (a resumed run counts from its resume)
 
     @property
     def cfg(self) -> TrainConfig:
@@ -361,6 +365,7 @@ def loop(state: State) -> None:
             tick = time.perf_counter()
             batch = next(batches)
             window.data_wait += time.perf_counter() - tick
+            state.images_seen += len(batch["image"])
             images = batch["image"].float().div_(255).contiguous(memory_format=memory_format)
             out = train_step(accelerator, state.model, state.optimizer, images, batch["label"], cfg.max_grad_norm)
             state.unwrapped.on_train_step(out)
@@ -401,6 +406,7 @@ def finish(state: State) -> dict:
         accelerator.log(test, step=state.step)
     checksum = torch.stack([p.detach().double().sum() for p in state.unwrapped.parameters()]).sum().reshape(1)
     checksums = accelerator.gather(checksum.to(accelerator.device)).tolist()
+    images_seen = accelerator.gather(torch.tensor([state.images_seen], device=accelerator.device)).tolist()
     accelerator.end_training()  # also ends the process group
     result = {
         "objective": cfg.objective,
@@ -415,6 +421,8 @@ def finish(state: State) -> dict:
         "data_wait_fraction": state.wait_seconds / state.train_seconds if state.train_seconds else None,
         # One checksum of the weights per process: equal when the processes agree.
         "param_checksums": checksums,
+        # Images each process trained on in this invocation: the global batch split over processes.
+        "images_per_process": images_seen,
         **state.eval_result,
         **test,
     }
@@ -434,11 +442,32 @@ def train(run: RunConfig) -> dict:
             f"--batch_size {cfg.batch_size} is the global batch: it must divide evenly over {world} process(es) "
             f"x {accum} accumulation step(s). Use a multiple of {world * accum}."
         )
-    with hold_folder(output_dir, accelerator.is_main_process):
+    with hold_folder(output_dir, accelerator.is_main_process), peers_watched(accelerator, output_dir):
         accelerator.wait_for_everyone()
         state = setup(run, accelerator)
         loop(state)
         return finish(state)
+
+
+# How torch.distributed reports a peer that is gone: gloo's "Connection closed by peer", a reset, or a timeout.
+PEER_LOST = ("closed by peer", "reset by peer", "Broken pipe", "Connection refused", "Timed out", "timed out")
+
+
+@contextmanager
+def peers_watched(accelerator: Accelerator, output_dir: Path):
+    """With several processes, a peer that dies (its host crashed, it was killed) surfaces here as a collective
+    that fails: say that plainly, with the way back, instead of a backend traceback."""
+    try:
+        yield
+    except RuntimeError as e:
+        if accelerator.num_processes == 1 or not (isinstance(e, dist.DistError) or any(s in str(e) for s in PEER_LOST)):
+            raise
+        last = next(reversed(checkpoints_in(output_dir)), None)
+        raise PeerLostError(
+            f"another process of this run stopped, so this one (rank {accelerator.process_index}) cannot go on: "
+            f"{str(e).splitlines()[0][:300]}. Check that process's log (or its machine). Then start the run again on "
+            f"every machine with --resume ({f'from {last}' if last else 'no checkpoint was written yet'})."
+        ) from e
 
 
 def print_summary(result: dict, output_dir: str) -> None:

@@ -61,3 +61,56 @@ def test_paired_difference_pairs_seeds_and_ignores_unmatched_ones():
     mean, ci = paired_difference(arm, scratch)
     assert abs(mean - 0.05) < 1e-12 and ci < 1e-12  # the seeds' own spread (10 points) cancels out
     assert paired_difference({0: 0.5}, scratch) is None  # one pair gives no interval
+
+
+def test_budget_study_runs_every_cell_at_its_total_and_pairs_gains(tmp_path):
+    """Compute on the x-axis: scratch and masked patch at the same totals of images, the split checked up front."""
+    model_kwargs = yaml.safe_load(TINY_VIT[TINY_VIT.index("--model_kwargs") + 1])
+    study = {
+        "output_dir": str(tmp_path / "study"),
+        "base": {"model": "vit_tiny_patch16_224", "model_kwargs": model_kwargs, "img_size": 16, "data": "synthetic:300",
+                 "mixed_precision": "no", "report_to": [], "cpu_threads": 1, "eval_batches": 1, "test_fraction": 0.1},
+        "pretrain": {"batch_size": 8, "max_steps": 10, "warmup_steps": 2},
+        "finetune": {"batch_size": 8, "max_steps": 10, "warmup_steps": 2},
+        "label_fractions": [0.5],
+        "seeds": [0, 1],
+        "budgets": [32, 64],
+        "pretrain_shares": [0.5, 0.75],
+    }  # fmt: skip
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(study))
+    rows = main(["--config", str(config)])
+    root = tmp_path / "study"
+    assert len(rows) == 2 * 3 * 2  # budgets x (scratch + 2 shares) x seeds
+    for r in rows:
+        assert r["pretrain_images"] + r["finetune_images"] == r["images"] and r["split"] == "test"
+        steps = json.loads((root / f"runs/finetune_{r['arm']}_images{r['images']}_frac0.5_seed{r['seed']}/results.json").read_text())["steps"]
+        assert steps == r["finetune_images"] // 8
+    pretrainings = {p.name: json.loads((p / "results.json").read_text())["steps"] for p in root.glob("runs/pretrain_*")}
+    assert pretrainings == {"pretrain_masked_patch_16": 2, "pretrain_masked_patch_24": 3, "pretrain_masked_patch_32": 4, "pretrain_masked_patch_48": 6}
+    warmups = yaml.safe_load((root / "runs/pretrain_masked_patch_48/config.yaml").read_text())["warmup_steps"]
+    assert warmups == round(2 * 6 / 10)  # the warmup keeps its share of the schedule
+    # FLOPs are counted per image of each objective: twice the images, twice the FLOPs.
+    scratch = {r["images"]: r["flops"] for r in rows if r["arm"] == "scratch"}
+    assert scratch[64] == 2 * scratch[32] > 0
+    assert all(r["flops"] > 0 for r in rows)
+    report = (root / "results.md").read_text()
+    assert "minus scratch (same total)" in report
+    line = next(l for l in report.splitlines() if l.startswith("| masked_patch0.5 | 0.5 | 64 |"))
+    assert line.split("|")[-3].strip()  # same fine-tuning images (32) is in the grid: a paired gain is reported
+    assert (root / "accuracy_vs_compute.png").stat().st_size > 0
+    assert len(list(csv.DictReader((root / "results.csv").open()))) == len(rows)
+
+
+def test_budget_study_refuses_a_split_that_is_not_whole_batches_before_any_run(tmp_path):
+    import pytest
+
+    from ssvit.errors import UsageError
+
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "study"), "base": {"data": "synthetic:100"},
+                                      "pretrain": {"batch_size": 8}, "finetune": {"batch_size": 8},
+                                      "budgets": [40], "pretrain_shares": [0.5]}))  # fmt: skip
+    with pytest.raises(UsageError, match="20 pretraining images are not a whole number of batches of 8"):
+        main(["--config", str(config)])
+    assert not (tmp_path / "study").exists()

@@ -148,3 +148,27 @@ def test_fine_tuning_from_an_exported_backbone_with_layer_decay(checkpoints, tmp
                             "--batch_size", "16", "--mixed_precision", "no", "--report_to", "[]", "--cpu_threads", "1",
                             "--layer_decay", "0.75", "--fewshot_steps", "0", "--output_dir", str(tmp_path / "ft")])  # fmt: skip
     assert result["steps"] == 2 and result["best"]["metric"] == "top1"
+
+
+def test_a_masked_patch_init_is_read_through_the_mean_patch_token_unless_chosen(checkpoints, tmp_path):
+    """Masked patch never trains the class token's output, so a classifier on it pools the patch tokens; a
+    supervised init keeps timm's class token, an explicit global_pool is kept, and the export carries the choice."""
+    import timm
+
+    from ssvit.config import MASKED_PATCH_POOLING, finetune_defaults, parse
+    from ssvit.export import main as export_main
+
+    def model_kwargs(objective, *extra):
+        argv = ["--init", str(checkpoints[objective]), *extra]
+        return parse(argv, defaults=finetune_defaults(argv)).train.model_kwargs
+
+    assert model_kwargs("masked_patch") == {**VIT[1], **MASKED_PATCH_POOLING}
+    assert "global_pool" not in model_kwargs("supervised")
+    chosen = {**VIT[1], "global_pool": "token"}
+    assert model_kwargs("masked_patch", "--model_kwargs", json.dumps(chosen)) == chosen
+    finetune_main(["--init", str(checkpoints["masked_patch"]), "--data", "synthetic:600", "--max_steps", "2", "--batch_size", "16",
+                   "--mixed_precision", "no", "--report_to", "[]", "--cpu_threads", "1", "--fewshot_steps", "0",
+                   "--output_dir", str(tmp_path / "ft")])  # fmt: skip
+    exported = export_main([str(tmp_path / "ft/checkpoints/step_000002"), "--out", str(tmp_path / "export"), "--with-head"])
+    model = timm.create_model(f"local-dir:{exported}", pretrained=True)  # what a timm user gets
+    assert model.global_pool == "avg" and isinstance(model.fc_norm, torch.nn.Identity)

@@ -79,9 +79,15 @@ def run_study_preset(study: dict, tmp_path) -> None:
     }
     for name, extra in tiny_study["ablations"].items():
         tiny_study["ablations"][name] = {**extra, **{k: TINY[k] for k in ("max_steps", "warmup_steps") if k in extra}}
+    if study.get("budgets"):  # compute on the x-axis: one budget of 32 images, whole batches of 8 at every share
+        tiny_study["budgets"] = [32]
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump(tiny_study))
     rows = compare.main(["--config", str(config)])
+    if study.get("budgets"):
+        assert {r["arm"] for r in rows} == {"scratch", *(f"masked_patch{s:g}" for s in study["pretrain_shares"])}
+        assert {r["images"] for r in rows} == {32} and (tmp_path / "study/accuracy_vs_compute.png").exists()
+        return
     arms = {r["arm"] for r in rows if r["kind"] == "finetune"}
     assert arms == set(study.get("arms", compare.ARMS)) - ({"scratch_matched"} if tiny_study["label_fractions"] == [1.0] else set())
     assert (tmp_path / "study/results.md").exists()
