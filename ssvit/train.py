@@ -135,6 +135,13 @@ def resolve_precision(cfg: TrainConfig) -> Optional[str]:
 
 
 def make_accelerator(cfg: TrainConfig, trackers: list) -> Accelerator:
+    for engine in ("FSDP", "DEEPSPEED"):
+        if os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true" and not torch.cuda.is_available():
+            # Accelerate (1.15) sets up FSDP and DeepSpeed for accelerator devices only; on CPU processes it
+            # silently trains with DDP instead (distributed type MULTI_CPU, every parameter replicated).
+            raise UsageError(f"accelerate launch --use_{engine.lower()} needs GPUs: on CPU, Accelerate would train with "
+                             f"plain data parallelism instead, without saying so. Launch without --use_{engine.lower()} "
+                             f"(--multi_gpu) on CPU.")  # fmt: skip
     accelerator = Accelerator(
         # Several processes on a machine without GPUs: accelerate needs cpu=True to form a gloo group, else
         # each process silently trains alone.

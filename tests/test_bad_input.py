@@ -276,3 +276,15 @@ def test_the_command_prints_one_line_not_a_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == "ssvit-pretrain: error: --lr -1.0: the peak learning rate must be positive."
+
+
+@pytest.mark.parametrize("engine", ["FSDP", "DEEPSPEED"])
+def test_sharded_training_on_cpu_is_refused_rather_than_silently_replicated(tmp_path, monkeypatch, engine):
+    """Accelerate sets up FSDP/DeepSpeed for GPUs only; on CPU it would quietly run DDP (checked with accelerate
+    1.15: distributed type MULTI_CPU under `accelerate launch --use_fsdp`)."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine runs FSDP for real")
+    monkeypatch.setenv(f"ACCELERATE_USE_{engine}", "true")
+    with pytest.raises(UsageError, match=f"--use_{engine.lower()} needs GPUs"):
+        main(tiny_args(tmp_path))
+    assert not (tmp_path / "run").exists()
