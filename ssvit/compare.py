@@ -1,13 +1,16 @@
 """Supervised versus self-supervised: run the ViT paper's comparison as one resumable study and report it.
 
     accelerate launch ssvit/compare.py --config configs/compare_cifar10_cpu.yaml
+    accelerate launch ssvit/compare.py --config configs/compare_cifar10_budget_cpu.yaml   # compute on the x-axis
 
 Arms: from scratch, supervised-pretrained (all training labels), masked-patch-pretrained (the same images,
 no labels), each fine-tuned with the same backbone, data, augmentation and fine-tuning budget at every label
-fraction and seed. Ablations (corruption rate, targets) are extra masked-patch pretrainings compared by
-few-shot accuracy. Every run is an ordinary ssvit run in <output_dir>/runs/<name>: a finished run (its
-results.json exists) is never run again, an interrupted one resumes from its last checkpoint.
-Writes results.csv, results.md (mean and 95% confidence interval over seeds) and two PNG plots.
+fraction and seed. With `budgets`, the study instead runs scratch and masked patch at equal totals of images
+processed, masked patch splitting each total between pretraining and fine-tuning (run_budget_study).
+Ablations (corruption rate, targets) are extra masked-patch pretrainings compared by few-shot accuracy.
+Every run is an ordinary ssvit run in <output_dir>/runs/<name>: a finished run (its results.json exists) is
+never run again, an interrupted one resumes from its last checkpoint.
+Writes results.csv, results.md (mean and 95% confidence interval over seeds, gains paired by seed) and PNG plots.
 """
 
 from __future__ import annotations
@@ -99,13 +102,22 @@ def flags(mapping: dict) -> list[str]:
 
 
 def run_once(argv: list[str], output_dir: Path, defaults: Optional[dict] = None) -> dict:
-    """An ssvit run that is skipped when finished and resumed when interrupted."""
+    """An ssvit run that is skipped when finished and resumed when interrupted, provided that it was made with
+    the same settings: a study finds its runs by name, and a changed recipe must not reuse the old results."""
     from ssvit.train import train
 
+    run = parse([*argv, "--output_dir", str(output_dir), "--resume", "auto"], defaults=defaults)
+    saved = output_dir / "config.yaml"
+    if saved.exists():
+        old, new = yaml.safe_load(saved.read_text()), yaml.safe_load(run.dump())
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k != "resume")
+        if changed:
+            diff = "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in changed[:5])
+            raise UsageError(f"{output_dir} was made with other settings ({diff}). The study reuses finished runs by "
+                             f"name: delete that folder to run it with the new settings, or give the study another output_dir.")  # fmt: skip
     done = output_dir / "results.json"
     if done.exists():
         return json.loads(done.read_text())
-    run = parse([*argv, "--output_dir", str(output_dir), "--resume", "auto"], defaults=defaults)
     return train(run)
 
 

@@ -3,9 +3,11 @@
 import csv
 import json
 
+import pytest
 import yaml
 
 from ssvit.compare import confidence_interval, main, paired_difference
+from ssvit.errors import UsageError
 
 from conftest import TINY_VIT
 
@@ -100,13 +102,13 @@ def test_budget_study_runs_every_cell_at_its_total_and_pairs_gains(tmp_path):
     assert line.split("|")[-3].strip()  # same fine-tuning images (32) is in the grid: a paired gain is reported
     assert (root / "accuracy_vs_compute.png").stat().st_size > 0
     assert len(list(csv.DictReader((root / "results.csv").open()))) == len(rows)
+    # A changed recipe does not silently reuse the finished runs made with the old one.
+    config.write_text(yaml.safe_dump({**study, "finetune": {**study["finetune"], "lr": 0.5}}))
+    with pytest.raises(UsageError, match=r"was made with other settings \(lr: 0\.01 there, 0\.5 now\)"):
+        main(["--config", str(config)])
 
 
 def test_budget_study_refuses_a_split_that_is_not_whole_batches_before_any_run(tmp_path):
-    import pytest
-
-    from ssvit.errors import UsageError
-
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "study"), "base": {"data": "synthetic:100"},
                                       "pretrain": {"batch_size": 8}, "finetune": {"batch_size": 8},
