@@ -169,11 +169,12 @@ def budget_plan(study: Study) -> list[tuple[str, int, int]]:
     """(arm, pretraining images, fine-tuning images) of every budget cell, checked before any work is done:
     scratch spends the whole budget on fine-tuning, masked_patch<share> that share of it on pretraining."""
     pretrain, finetune = resolved(study, "masked_patch")
+    for share in study.pretrain_shares:
+        if not 0 < share < 1:
+            raise UsageError(f"pretrain_shares: {share} is not a share of a budget between 0 and 1 (scratch, share 0, always runs).")
     cells = []
     for budget in study.budgets:
         for share in [0, *study.pretrain_shares]:
-            if not 0 <= share < 1:
-                raise UsageError(f"pretrain_shares: {share} is not a share of a budget in (0, 1).")
             pre = round(share * budget)
             for images, batch, what in ((pre, pretrain["batch_size"], "pretraining"), (budget - pre, finetune["batch_size"], "fine-tuning")):
                 if images % batch:

@@ -115,4 +115,7 @@ def test_budget_study_refuses_a_split_that_is_not_whole_batches_before_any_run(t
                                       "budgets": [40], "pretrain_shares": [0.5]}))  # fmt: skip
     with pytest.raises(UsageError, match="20 pretraining images are not a whole number of batches of 8"):
         main(["--config", str(config)])
+    config.write_text(config.read_text().replace("budgets:\n- 40", "budgets:\n- 64").replace("- 0.5", "- 1.0"))
+    with pytest.raises(UsageError, match="pretrain_shares: 1.0 is not a share"):
+        main(["--config", str(config)])
     assert not (tmp_path / "study").exists()
