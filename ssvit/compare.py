@@ -169,6 +169,9 @@ def budget_plan(study: Study) -> list[tuple[str, int, int]]:
     """(arm, pretraining images, fine-tuning images) of every budget cell, checked before any work is done:
     scratch spends the whole budget on fine-tuning, masked_patch<share> that share of it on pretraining."""
     pretrain, finetune = resolved(study, "masked_patch")
+    for budget in study.budgets:
+        if not isinstance(budget, int) or budget <= 0:
+            raise UsageError(f"budgets: {budget!r} is not a number of images (a positive whole number, e.g. 32768).")
     for share in study.pretrain_shares:
         if not 0 < share < 1:
             raise UsageError(f"pretrain_shares: {share} is not a share of a budget between 0 and 1 (scratch, share 0, always runs).")

@@ -118,4 +118,7 @@ def test_budget_study_refuses_a_split_that_is_not_whole_batches_before_any_run(t
     config.write_text(config.read_text().replace("budgets:\n- 40", "budgets:\n- 64").replace("- 0.5", "- 1.0"))
     with pytest.raises(UsageError, match="pretrain_shares: 1.0 is not a share"):
         main(["--config", str(config)])
+    config.write_text(config.read_text().replace("budgets:\n- 64", "budgets:\n- 6.4e4"))
+    with pytest.raises(UsageError, match="budgets: 64000.0 is not a number of images"):
+        main(["--config", str(config)])
     assert not (tmp_path / "study").exists()
