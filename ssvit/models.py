@@ -151,6 +151,8 @@ def init_architecture(init: str) -> dict:
     if "architecture" in saved:  # a timm folder (python -m ssvit.export)
         model_args = dict(saved.get("model_args", {}))
         size = model_args.pop("img_size", None) or saved.get("pretrained_cfg", {}).get("input_size", [0, 0, None])[-1]
+        if isinstance(size, (list, tuple)):  # timm writes (height, width); ssvit trains square images
+            size = size[0] if len(set(size)) == 1 else None  # not square: --img_size decides
         return {"model": saved["architecture"], "model_kwargs": model_args, **({"img_size": size} if size else {})}
     return {k: saved[k] for k in ("model", "model_kwargs", "img_size", "data") if k in saved}
 
@@ -187,6 +189,10 @@ def build_timm_model(checkpoint: str | Path, with_head: bool = False, use_ema: b
     weights = folder / ("ema.safetensors" if use_ema and (folder / "ema.safetensors").exists() else "model.safetensors")
     state = read_state_dict(weights)
     model_args = dict(cfg.get("model_kwargs") or {})
+    if cfg.get("objective") == "masked_patch":  # exported, it is read as fine-tuning would read it (config.py)
+        from ssvit.config import MASKED_PATCH_POOLING
+
+        model_args = {**MASKED_PATCH_POOLING, **model_args} if "global_pool" not in model_args else model_args
     model = create_backbone(cfg["model"], cfg["img_size"], model_args)
     if hasattr(model, "patch_embed"):
         model_args["img_size"] = cfg["img_size"]

@@ -172,3 +172,8 @@ def test_a_masked_patch_init_is_read_through_the_mean_patch_token_unless_chosen(
     exported = export_main([str(tmp_path / "ft/checkpoints/step_000002"), "--out", str(tmp_path / "export"), "--with-head"])
     model = timm.create_model(f"local-dir:{exported}", pretrained=True)  # what a timm user gets
     assert model.global_pool == "avg" and isinstance(model.fc_norm, torch.nn.Identity)
+    # The exported masked-patch backbone itself carries the pooling, so fine-tuning from it reads the same token.
+    backbone = export_main([str(checkpoints["masked_patch"]), "--out", str(tmp_path / "backbone")])
+    assert timm.create_model(f"local-dir:{backbone}", pretrained=True).global_pool == "avg"
+    argv = ["--init", str(backbone)]
+    assert parse(argv, defaults=finetune_defaults(argv)).train.model_kwargs["global_pool"] == "avg"
