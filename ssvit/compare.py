@@ -308,8 +308,9 @@ def write_budget_report(rows: list[dict], root: Path) -> None:
              f"| validation top-1 | minus scratch (same total) | minus scratch (same fine-tuning images) | seeds |",
              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     cells = list(dict.fromkeys((r["arm"], r["label_fraction"], r["images"], r["pretrain_images"], r["finetune_images"]) for r in rows))
-    fig, axes = plt.subplots(1, len({c[1] for c in cells}), figsize=(5 * len({c[1] for c in cells}), 4), squeeze=False)
-    panels = {f: ax for f, ax in zip(sorted({c[1] for c in cells}), axes[0])}
+    fractions = sorted({c[1] for c in cells})
+    fig, axes = plt.subplots(1, len(fractions), figsize=(5 * len(fractions), 4), squeeze=False)
+    panels = dict(zip(fractions, axes[0]))
     curves = {}
     for arm, fraction, images, pre, fine in sorted(cells, key=lambda c: (c[1], c[0] != "scratch", c[0], c[2])):
         top1 = by(arm, fraction, images)

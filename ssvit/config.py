@@ -190,13 +190,17 @@ tokens' outputs and never the class token's (App. B.1.2); on validation, fine-tu
 better (README, "Which token fine-tuning reads")."""
 
 
+def pooling_for(source_objective: Optional[str], model_kwargs: dict) -> dict:
+    """MASKED_PATCH_POOLING for a classifier on a backbone that `source_objective` trained, when it is masked
+    patch and model_kwargs choose no pooling; nothing otherwise (a supervised class token is trained)."""
+    return dict(MASKED_PATCH_POOLING) if source_objective == "masked_patch" and "global_pool" not in model_kwargs else {}
+
+
 def pooling_for_init(init: Optional[str], objective: str, model_kwargs: dict) -> dict:
-    """MASKED_PATCH_POOLING when a classifier starts from an ssvit masked-patch checkpoint and the user chose no
-    pooling; nothing otherwise (a supervised checkpoint's class token is trained, and timm's default stays)."""
-    if not init or objective == "masked_patch" or "global_pool" in model_kwargs or not Path(init).exists():
+    """pooling_for the ssvit checkpoint --init names, when this run trains a classifier on it."""
+    if not init or objective == "masked_patch" or not Path(init).exists():
         return {}
-    saved = saved_config(init)
-    return dict(MASKED_PATCH_POOLING) if saved and saved.get("objective") == "masked_patch" else {}
+    return pooling_for((saved_config(init) or {}).get("objective"), model_kwargs)
 
 
 def check(cfg: TrainConfig) -> None:

@@ -188,11 +188,10 @@ def build_timm_model(checkpoint: str | Path, with_head: bool = False, use_ema: b
     cfg = saved_config(folder)
     weights = folder / ("ema.safetensors" if use_ema and (folder / "ema.safetensors").exists() else "model.safetensors")
     state = read_state_dict(weights)
-    model_args = dict(cfg.get("model_kwargs") or {})
-    if cfg.get("objective") == "masked_patch":  # exported, it is read as fine-tuning would read it (config.py)
-        from ssvit.config import MASKED_PATCH_POOLING
+    from ssvit.config import pooling_for
 
-        model_args = {**MASKED_PATCH_POOLING, **model_args} if "global_pool" not in model_args else model_args
+    model_args = dict(cfg.get("model_kwargs") or {})
+    model_args |= pooling_for(cfg.get("objective"), model_args)  # exported, read as fine-tuning reads it
     model = create_backbone(cfg["model"], cfg["img_size"], model_args)
     if hasattr(model, "patch_embed"):
         model_args["img_size"] = cfg["img_size"]
