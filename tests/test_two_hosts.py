@@ -69,6 +69,7 @@ def test_two_hosts_train_together_resume_exactly_and_fail_fast_when_one_dies(tmp
         killed = time.time()
         code = procs[0].wait(timeout=120)  # bounded: a hang fails the test here
         took = time.time() - killed
+        print(f"host 0 stopped {took:.1f} s after host 1 was killed")  # pytest -s shows it
         assert code != 0
         assert took < 120
         log = (tmp_path / "killed0.log").read_text()
