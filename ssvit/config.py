@@ -64,6 +64,12 @@ class TrainConfig:
     """RandomResizedCrop area range (the paper's augmentation: random resized crop + flip)."""
     hflip: bool = True
     """Random horizontal flips."""
+    streaming: bool = False
+    """Read --data parquet:PATH as a stream of row groups, never copied, converted or cached: each process reads a
+    disjoint part, through a shuffle buffer, in an order that is a function of (seed, epoch, position), so that
+    --resume continues exactly (ssvit/stream.py). Validation and test rows are read where they lie."""
+    shuffle_buffer: int = 1000
+    """With --streaming: images in each loader worker's shuffle buffer (Hugging Face datasets' default size)."""
     dataloader_num_workers: Optional[int] = None
     """DataLoader worker processes. Unset: none for data in the uint8 cache (nothing to decode), else the machine's
     cores divided among the local processes (persistent, prefetching; pinned memory on CUDA)."""
@@ -131,15 +137,17 @@ class TrainConfig:
 
 
 def _flag_aliases(argv: list[str]) -> list[str]:
-    """Accept --output-dir for --output_dir, and a bare --resume for --resume latest."""
+    """Accept --output-dir for --output_dir, a bare --resume for --resume latest, and a bare switch such as
+    --streaming or --compile for --streaming true."""
+    switches = {f"--{f.name}" for f in dataclasses.fields(TrainConfig) if f.type in ("bool", "Optional[bool]")}
     out = []
     for i, arg in enumerate(argv):
         if arg.startswith("--") and "-" in arg[2:].split("=")[0]:
             name, eq, value = arg[2:].partition("=")
             arg = "--" + name.replace("-", "_") + eq + value
         out.append(arg)
-        if arg == "--resume" and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
-            out.append("latest")
+        if arg in ("--resume", *switches) and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            out.append("latest" if arg == "--resume" else "true")
     return out
 
 

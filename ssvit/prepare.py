@@ -6,7 +6,9 @@
 Writes DIR/<split>-00000-of-000NN.parquet (columns image, label; ClassLabel names kept) that plain
 ``datasets.load_dataset("parquet", data_dir=DIR)`` reads. Every image is decoded, converted to RGB (grayscale,
 CMYK and palette images included, and a PNG named .JPEG) and, with --max_side N, re-encoded as JPEG so that its
-*shorter* side is at most N pixels. The shorter side, because a random resized crop at the training resolution
+*shorter* side is at most N pixels. Rows are written in a seeded random order (--seed), so that every shard and
+every row group (ROW_GROUP = 100 images) mixes the classes: a stream (--streaming) reads whole
+row groups, and a shuffle buffer cannot mix a stream written class by class. The shorter side, because a random resized crop at the training resolution
 needs pixels across the crop's short side: bounding the longer side would shrink a wide panorama's short side
 below the training resolution. An image that cannot be read is refused, counted and named in refused.txt, never
 fatal. A second run with the same source and settings finds prepare.json and rebuilds nothing.
@@ -85,6 +87,11 @@ def fingerprint(spec: str, found: dict, settings: dict) -> str:
     return h.hexdigest()
 
 
+ROW_GROUP = 100
+"""Images per parquet row group: the unit a stream reads and splits between processes (datasets' own size for
+image data; its to_parquet would otherwise write one row group for a small shard)."""
+
+
 def write_shards(split: str, jobs: list, labels: Optional[list[int]], names: list[str], out: Path, shard_bytes: int,
                  workers: int, refused: list, quiet: bool = False) -> int:  # fmt: skip
     """Encode `jobs` in worker processes, in order, and write shards of about shard_bytes each."""
@@ -100,7 +107,7 @@ def write_shards(split: str, jobs: list, labels: Optional[list[int]], names: lis
         nonlocal rows, size
         if rows["image"]:
             path = out / f".{split}-{len(shards):05d}.parquet.tmp"
-            datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
+            datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path), batch_size=ROW_GROUP)
             shards.append(path)
         rows, size = {k: [] for k in columns}, 0
 
@@ -124,11 +131,16 @@ def write_shards(split: str, jobs: list, labels: Optional[list[int]], names: lis
 
 
 def prepare(spec: str, out: str | Path, max_side: Optional[int] = None, shard_mb: float = 256, workers: Optional[int] = None,
-            quality: int = 90, quiet: bool = False, limit: Optional[int] = None) -> dict:  # fmt: skip
+            quality: int = 90, quiet: bool = False, limit: Optional[int] = None, seed: int = 0) -> dict:  # fmt: skip
     """Write the shards (see the module docstring); `limit`: only the first N images of each split."""
+    import numpy as np
+
     out = Path(out)
-    settings = {"max_side": max_side, "quality": quality, "shard_mb": shard_mb, "limit": limit}
-    found = {k: (v[0][:limit], v[1] if v[1] is None else v[1][:limit], v[2]) for k, v in sources(spec).items()}
+    settings = {"max_side": max_side, "quality": quality, "shard_mb": shard_mb, "limit": limit, "seed": seed}
+    found = {}
+    for split, (images, labels, names) in sources(spec).items():
+        order = np.random.default_rng(seed).permutation(len(images))[:limit].tolist()
+        found[split] = ([images[i] for i in order], None if labels is None else [labels[i] for i in order], names)
     key = fingerprint(spec, found, settings)
     manifest = out / "prepare.json"
     if manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") == key:
@@ -166,8 +178,9 @@ def run_command(argv=None) -> dict:
     p.add_argument("--shard_mb", type=float, default=256, help="target shard size in MiB")
     p.add_argument("--workers", type=int, default=None, help="encoding processes (default: all cores)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
+    p.add_argument("--seed", type=int, default=0, help="seed of the order the rows are written in (shuffled)")
     args = p.parse_args(argv)
-    summary = prepare(args.source, args.out, args.max_side, args.shard_mb, args.workers, args.quality)
+    summary = prepare(args.source, args.out, args.max_side, args.shard_mb, args.workers, args.quality, seed=args.seed)
     print(f"Written: {summary['written']} images; refused: {summary['refused']} (see {Path(args.out) / 'refused.txt'}).")
     print(f"Train on it: accelerate launch ssvit/pretrain.py --data parquet:{args.out}")
     return summary

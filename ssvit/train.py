@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, send_to_device, set_seed
 from timm.scheduler import CosineLRScheduler, PolyLRScheduler
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
@@ -39,6 +39,7 @@ from ssvit.checkpoints import (
 )
 from ssvit.config import RunConfig, TrainConfig, check_paths
 from ssvit.data import EpochSampler, Splits, load_splits
+from ssvit.stream import StreamingImages, streaming_splits
 from ssvit.errors import NonFiniteLossError, PeerLostError, UsageError
 from ssvit import evals
 from ssvit.evals import EVALUATORS
@@ -188,7 +189,8 @@ class State:
     optimizer: torch.optim.Optimizer
     scheduler: object
     loader: DataLoader
-    sampler: EpochSampler
+    sampler: EpochSampler | StreamingImages  # the train order: set_epoch / set_position
+    steps_per_epoch: int
     val_loader: DataLoader
     test_loader: Optional[DataLoader]
     ema: Optional[ModelEmaV3]
@@ -209,10 +211,6 @@ class State:
     def output_dir(self) -> Path:
         return Path(self.cfg.output_dir)
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self.sampler) // self.cfg.batch_size
-
 
 def setup(run: RunConfig, accelerator: Accelerator) -> State:
     """Everything the loop needs. Nothing in the run folder changes until the run is known to start (data
@@ -221,8 +219,12 @@ def setup(run: RunConfig, accelerator: Accelerator) -> State:
     world, accum = accelerator.num_processes, cfg.gradient_accumulation_steps
     resume_from = resolve_resume(cfg)
     set_seed(cfg.seed)  # the same initial weights on every process
+    micro_batch = cfg.batch_size // (world * accum)
     with accelerator.main_process_first():
-        splits = load_splits(cfg, is_main=accelerator.is_main_process)
+        if cfg.streaming:
+            splits = streaming_splits(cfg, accelerator.process_index, world, micro_batch)
+        else:
+            splits = load_splits(cfg, is_main=accelerator.is_main_process)
     if objectives.get(cfg.objective).needs_labels and not splits.num_classes:
         raise UsageError(f"--objective {cfg.objective} needs labels, and {cfg.data} has none (no label column, or "
                          f"images not in class folders). Use a self-supervised objective such as masked_patch, or name "
@@ -232,24 +234,32 @@ def setup(run: RunConfig, accelerator: Accelerator) -> State:
     model.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     lr = cfg.lr * cfg.batch_size / cfg.lr_base_batch_size if cfg.lr_base_batch_size else cfg.lr
     optimizer = make_optimizer(model, cfg, lr, accelerator.device.type)
-    steps_per_epoch = len(splits.train) // cfg.batch_size
+    workers = loader_workers(cfg, splits)
+    held_out = [DataLoader(s, batch_size=max(cfg.batch_size // world, 1), **workers) for s in (splits.val, splits.test) if s is not None]
+    # The loader's own generator: creating an iterator draws a seed, which must not come from the global RNG (a
+    # resumed run creates its iterator at another point of the global RNG stream).
+    generator = torch.Generator().manual_seed(cfg.seed)
+    if cfg.streaming:  # each process reads its own part of the stream: not prepared (Accelerate would dispatch or re-split it)
+        splits.train.set_workers(workers["num_workers"])
+        loader = DataLoader(splits.train, batch_size=micro_batch, generator=generator, **workers)
+        sampler = splits.train
+        # Every process must take the same number of steps per epoch: the smallest.
+        steps_per_epoch = int(accelerator.reduce(torch.tensor([len(sampler) // micro_batch // accum], device=accelerator.device), "min"))
+    else:
+        steps_per_epoch = len(splits.train) // cfg.batch_size
+        sampler = EpochSampler(len(splits.train), cfg.seed, num_samples=steps_per_epoch * cfg.batch_size)
+        loader = DataLoader(splits.train, batch_size=micro_batch, sampler=sampler, drop_last=True, generator=generator, **workers)
     if steps_per_epoch == 0:
         raise UsageError(f"--batch_size {cfg.batch_size} is larger than the training set ({len(splits.train)} images).")
-    sampler = EpochSampler(len(splits.train), cfg.seed, num_samples=steps_per_epoch * cfg.batch_size)
-    micro_batch = cfg.batch_size // (world * accum)
-    workers = loader_workers(cfg, splits)
-    # Its own generator: creating an iterator draws a seed, which must not come from the global RNG (a resumed
-    # run creates its iterator at another point of the global RNG stream).
-    loader = DataLoader(splits.train, batch_size=micro_batch, sampler=sampler, drop_last=True,
-                        generator=torch.Generator().manual_seed(cfg.seed), **workers)  # fmt: skip
-    held_out = [DataLoader(s, batch_size=max(cfg.batch_size // world, 1), **workers) for s in (splits.val, splits.test) if s is not None]
-    model, optimizer, loader, val_loader, *test_loader = accelerator.prepare(model, optimizer, loader, *held_out)
+    model, optimizer, val_loader, *test_loader = accelerator.prepare(model, optimizer, *held_out)
+    if not cfg.streaming:
+        loader = accelerator.prepare(loader)
     if cfg.compile:
         model = torch.compile(model)
     unwrapped = accelerator.unwrap_model(model)
     ema = ModelEmaV3(unwrapped, decay=cfg.ema_decay) if cfg.ema_decay else None
     state = State(run, accelerator, splits, model, unwrapped, optimizer, make_scheduler(optimizer, cfg), loader, sampler,
-                  val_loader, (test_loader or [None])[0], ema, last_checkpoint=resume_from)  # fmt: skip
+                  steps_per_epoch, val_loader, (test_loader or [None])[0], ema, last_checkpoint=resume_from)  # fmt: skip
     if resume_from is not None:
         state.step = state.start_step = load_checkpoint(accelerator, resume_from, unwrapped, ema, f"this {cfg.objective} run")
         state.scheduler.step_update(state.step)
@@ -366,8 +376,12 @@ def loop(state: State) -> None:
     window = Window()
     while state.step < cfg.max_steps:
         epoch, offset = divmod(state.step, state.steps_per_epoch)
-        state.sampler.set_epoch(epoch)
-        batches = iter(accelerator.skip_first_batches(state.loader, offset * accum) if offset else state.loader)
+        if cfg.streaming:  # the stream fast-forwards itself, without reading what it skips
+            state.sampler.set_position(epoch, offset * accum)
+            batches = (send_to_device(b, accelerator.device, non_blocking=True) for b in state.loader)
+        else:
+            state.sampler.set_epoch(epoch)
+            batches = iter(accelerator.skip_first_batches(state.loader, offset * accum) if offset else state.loader)
         for _ in range((state.steps_per_epoch - offset) * accum):
             tick = time.perf_counter()
             batch = next(batches)

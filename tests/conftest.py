@@ -45,3 +45,34 @@ def subprocess_env() -> dict:
 
 
 PYTHON = sys.executable
+
+
+def write_shards(out: Path, n: int = 240, files: int = 3, group: int = 10, size: int = 16) -> Path:
+    """Synthetic images as parquet shards in the hub layout (train-0000i-of-0000N.parquet), PNG bytes, `group`
+    rows per row group: the input of --streaming."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    from ssvit.data import SYNTHETIC_CLASSES, synthetic_images
+
+    images, labels = synthetic_images(n, size, seed=5)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(SYNTHETIC_CLASSES))})
+    out.mkdir(parents=True, exist_ok=True)
+    per = n // files
+    for f in range(files):
+        rows = {"image": [], "label": []}
+        for i in range(f * per, (f + 1) * per):
+            png = io.BytesIO()
+            Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(png, format="PNG")
+            rows["image"].append({"bytes": png.getvalue(), "path": None})
+            rows["label"].append(int(labels[i]))
+        path = out / f"train-{f:05d}-of-{files:05d}.parquet"
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path), batch_size=group)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    return write_shards(tmp_path_factory.mktemp("shards"))

@@ -2,6 +2,7 @@
 
 import datasets
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -59,9 +60,14 @@ def test_prepare_the_shared_imagenet_sample_and_train_at_224(tmp_path):
     out = tmp_path / "imagenet"
     summary = prepare_main([f"imagefolder:{IMAGENET_SAMPLE}", "--out", str(out), "--max_side", "256", "--workers", "2"])
     assert summary["written"]["train"] + summary["refused"] == 1000
-    result = pretrain_main(tiny_args(tmp_path, "--data", f"parquet:{out}", "--img_size", "224", "--batch_size", "8",
-                                     "--max_steps", "2", "--model_kwargs", "{patch_size: 16, embed_dim: 32, depth: 1, num_heads: 2}"))  # fmt: skip
-    assert result["steps"] == 2
+    groups = [pq.ParquetFile(f).metadata for f in sorted(out.glob("train-*.parquet"))]
+    assert max(m.row_group(g).num_rows for m in groups for g in range(m.num_row_groups)) == 100
+    first = datasets.load_dataset("parquet", data_dir=str(out))["train"].select(range(100))["label"]
+    assert len(set(first)) > 80  # rows shuffled: a row group mixes the classes (the source is class by class)
+    tiny_224 = ["--img_size", "224", "--batch_size", "8", "--max_steps", "2", "--model_kwargs", "{patch_size: 16, embed_dim: 32, depth: 1, num_heads: 2}"]
+    for streaming in ([], ["--streaming", "--dataloader_num_workers", "2"]):
+        result = pretrain_main(tiny_args(tmp_path / str(bool(streaming)), "--data", f"parquet:{out}", *tiny_224, *streaming))
+        assert result["steps"] == 2 and ("streamed" in result["data"]) == bool(streaming)
 
 
 def test_an_interrupted_prepare_is_rebuilt_and_other_settings_are_refused(odd_folder, tmp_path, capsys):

@@ -100,11 +100,14 @@ def test_non_finite_loss_stops_and_writes_no_bad_checkpoint(tmp_path):
     assert not list((tmp_path / "run/checkpoints").glob("step_*"))
 
 
-@pytest.mark.parametrize("workers", [0, 2], ids=["in_process", "two_workers"])
-def test_sigkill_mid_epoch_then_resume_gives_the_same_losses(tmp_path, workers):
-    # 540 training images at batch 16: 33 steps an epoch; checkpoints every 5 steps are mid-epoch.
+@pytest.mark.parametrize("workers,streaming", [(0, False), (2, False), (2, True)], ids=["in_process", "two_workers", "streaming"])
+def test_sigkill_mid_epoch_then_resume_gives_the_same_losses(tmp_path, workers, streaming, shards):
+    # 540 training images at batch 16: 33 steps an epoch; checkpoints every 5 steps are mid-epoch. Streamed: 235
+    # training images over 2 workers, 14 steps an epoch: the same losses mean the same images in the same order.
     steps = 120 if not workers else 45
     common = ["--max_steps", str(steps), "--save_steps", "5", "--save_total_limit", "3", "--dataloader_num_workers", str(workers)]
+    if streaming:
+        common += ["--data", f"parquet:{shards}", "--streaming"]
     main(tiny_args(tmp_path / "straight", *common))
     reference = losses(tmp_path / "straight/run")
 

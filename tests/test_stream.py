@@ -1,0 +1,75 @@
+"""--streaming: parquet row groups read as a stream, split across processes, resumed exactly."""
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from ssvit.config import TrainConfig
+from ssvit.errors import UsageError
+from ssvit.stream import shuffle_buffer_order, streaming_splits
+
+from conftest import tiny_args
+
+MICRO = 8
+
+
+def stream(shards, rank=0, world=1, workers=2, **cfg):
+    cfg = TrainConfig(data=f"parquet:{shards}", streaming=True, img_size=16, shuffle_buffer=30, **cfg)
+    splits = streaming_splits(cfg, rank, world, MICRO)
+    splits.train.set_workers(workers)
+    return splits
+
+
+def rows_read(train, workers=2, epoch=0, consumed=0) -> list[int]:
+    train.set_position(epoch, consumed)
+    return [r for batch in DataLoader(train, batch_size=MICRO, num_workers=workers) for r in batch["row"].tolist()]
+
+
+def test_a_shuffle_buffer_emits_every_item_once_and_never_far_ahead_of_reading():
+    order = shuffle_buffer_order(1000, 50, np.random.default_rng(0))
+    assert sorted(order.tolist()) == list(range(1000))
+    assert (order[: 1000 - 50] <= np.arange(50, 1000)).all()  # emission k happens after reading item k + 49 at most
+    assert not (order == np.arange(1000)).all()
+
+
+def test_two_processes_read_disjoint_row_groups_and_together_the_whole_epoch(shards):
+    parts = [stream(shards, rank, 2).train for rank in (0, 1)]
+    train_rows = set(parts[0].train_rows.tolist())
+    seen = [rows_read(p) for p in parts]
+    for rows, part in zip(seen, parts):
+        assert len(rows) == len(set(rows)) == len(part)  # no image twice; as many as the epoch promises
+        assert set(rows) <= train_rows  # nothing held out is trained on
+    groups = [set(parts[0].groups.of(np.asarray(rows)).tolist()) for rows in seen]
+    assert not groups[0] & groups[1]  # disjoint row groups: each process reads only its own
+    # Complete: what rests this epoch is under one row group per process plus a partial batch per worker.
+    rest = len(train_rows) - len(set(seen[0]) | set(seen[1]))
+    assert 0 <= rest < 2 * (10 + 2 * MICRO)
+    assert rows_read(parts[0], epoch=1) != seen[0]  # a new order every epoch
+
+
+@pytest.mark.parametrize("consumed", [1, 5, 6])
+def test_a_resumed_stream_continues_with_exactly_the_images_an_uninterrupted_one_reads(shards, consumed):
+    train = stream(shards).train
+    whole = rows_read(train)
+    assert rows_read(train, consumed=consumed) == whole[consumed * MICRO :]  # same images, same order, buffer included
+
+
+def test_streaming_refusals_name_the_way_out(shards, tmp_path):
+    with pytest.raises(UsageError, match="--streaming reads parquet shards.*ssvit.prepare"):
+        streaming_splits(TrainConfig(data=f"imagefolder:{tmp_path}", streaming=True), 0, 1, MICRO)
+    with pytest.raises(UsageError, match="label_fraction.*without --streaming"):
+        stream(shards, label_fraction=0.1)
+    with pytest.raises(UsageError, match="whole row groups.*smaller row groups"):
+        stream(shards, rank=0, world=16, workers=2)
+    with pytest.raises(FileNotFoundError, match="no parquet training files"):
+        streaming_splits(TrainConfig(data=f"parquet:{tmp_path}/none", streaming=True), 0, 1, MICRO)
+
+
+def test_streamed_data_trains_with_held_out_validation_and_test(shards, tmp_path):
+    from ssvit.pretrain import main
+
+    result = main(tiny_args(tmp_path, "--data", f"parquet:{shards}", "--streaming", "--test_fraction", "0.1",
+                            "--dataloader_num_workers", "2", "--eval_steps", "4"))  # fmt: skip
+    assert result["steps"] == 4 and "streamed" in result["data"] and "test/loss" in result
+    assert torch.isfinite(torch.tensor(result["val/loss"]))
