@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
-from accelerate.utils import ProjectConfiguration, send_to_device, set_seed
+from accelerate.utils import ProjectConfiguration, gather_object, send_to_device, set_seed
 from timm.scheduler import CosineLRScheduler, PolyLRScheduler
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
@@ -202,6 +202,7 @@ class State:
     train_seconds: float = 0.0
     wait_seconds: float = 0.0
     images_seen: int = 0  # by this process, since this invocation started (a resumed run counts from its resume)
+    row_groups_read: set = field(default_factory=set)  # with --streaming, by this process since this invocation started
 
     @property
     def cfg(self) -> TrainConfig:
@@ -378,7 +379,7 @@ def loop(state: State) -> None:
         epoch, offset = divmod(state.step, state.steps_per_epoch)
         if cfg.streaming:  # the stream fast-forwards itself, without reading what it skips
             state.sampler.set_position(epoch, offset * accum)
-            batches = (send_to_device(b, accelerator.device, non_blocking=True) for b in state.loader)
+            batches = streamed(state)
         else:
             state.sampler.set_epoch(epoch)
             batches = iter(accelerator.skip_first_batches(state.loader, offset * accum) if offset else state.loader)
@@ -419,6 +420,13 @@ def loop(state: State) -> None:
     bar.close()
 
 
+def streamed(state: State):
+    """The streaming loader's batches on the device, noting the row groups they came from (results.json)."""
+    for batch in state.loader:
+        state.row_groups_read.update(state.sampler.groups.of(batch.pop("row").numpy()).tolist())
+        yield send_to_device(batch, state.accelerator.device, non_blocking=True)
+
+
 def finish(state: State) -> dict:
     """Gather a checksum of the weights from every process, end the process group, write results.json."""
     cfg, accelerator = state.cfg, state.accelerator
@@ -428,6 +436,7 @@ def finish(state: State) -> dict:
     checksum = torch.stack([p.detach().double().sum() for p in state.unwrapped.parameters()]).sum().reshape(1)
     checksums = accelerator.gather(checksum.to(accelerator.device)).tolist()
     images_seen = accelerator.gather(torch.tensor([state.images_seen], device=accelerator.device)).tolist()
+    row_groups = gather_object([sorted(state.row_groups_read)]) if cfg.streaming else None
     accelerator.end_training()  # also ends the process group
     result = {
         "objective": cfg.objective,
@@ -444,6 +453,8 @@ def finish(state: State) -> dict:
         "param_checksums": checksums,
         # Images each process trained on in this invocation: the global batch split over processes.
         "images_per_process": images_seen,
+        # With --streaming: the row groups (in the order of the shards' files) each process trained on.
+        **({"streamed_row_groups": row_groups} if cfg.streaming else {}),
         **state.eval_result,
         **test,
     }

@@ -32,7 +32,7 @@ def losses(run) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in lines if "train/loss" in r}
 
 
-def test_two_hosts_train_together_resume_exactly_and_fail_fast_when_one_dies(tmp_path):
+def test_two_hosts_train_together_resume_exactly_and_fail_fast_when_one_dies(tmp_path, shards):
     common = ["--max_steps", "150", "--save_steps", "20", "--eval_steps", "150", "--fewshot_steps", "0"]
     with two_hosts() as hosts:
         # Uninterrupted: both hosts end with the same weights, each process trained on its half of every batch.
@@ -43,6 +43,16 @@ def test_two_hosts_train_together_resume_exactly_and_fail_fast_when_one_dies(tmp
         a, b = result["param_checksums"]
         assert a == b
         assert result["images_per_process"] == [150 * 16 // 2] * 2  # --batch_size 16 is global: 8 per process
+
+        # Streamed for one epoch (13 steps: 235 images, 2 processes of 1 worker, 8 images each per step): each host
+        # read its own row groups of the shards, none read by both.
+        stream = tiny_args(tmp_path / "stream", "--data", f"parquet:{shards}", "--streaming", "--dataloader_num_workers", "1",
+                           "--max_steps", "13", "--eval_steps", "13", "--fewshot_steps", "0")  # fmt: skip
+        assert run_two_hosts(hosts, stream, tmp_path, "stream") == [0, 0], log_tail(tmp_path, "stream")
+        streamed = json.loads((tmp_path / "stream/run/results.json").read_text())
+        groups = [set(g) for g in streamed["streamed_row_groups"]]
+        assert all(groups) and not groups[0] & groups[1] and len(groups[0] | groups[1]) >= 24 - 3
+        assert streamed["param_checksums"][0] == streamed["param_checksums"][1]
 
         # Both hosts killed after the step-20 checkpoint, then resumed on both: the losses of the uninterrupted run.
         args = tiny_args(tmp_path / "resumed", *common)
