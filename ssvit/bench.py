@@ -274,15 +274,19 @@ def _rate(items, fn, repeat: int = 1) -> float:
 def pipeline(args) -> dict:
     """Images/s per core of each way to get a training image (random resized crop + flip at --img_size) from the
     same photographs, side by side: timm's training transform (the baseline a user has today) over the JPEG
-    folder and over ssvit's prepared shards, ssvit's loader over both, and decode-only for each input."""
+    folder and over ssvit's prepared shards, ssvit's loader over both and streaming the shards, and decode-only
+    for each input (Pillow, as timm decodes, and torchvision's libjpeg-turbo decoder, as ssvit decodes)."""
     import io
     import tempfile
 
     from PIL import Image
     from timm.data import create_transform
+    from torchvision.io import ImageReadMode, decode_jpeg
 
+    from ssvit.config import TrainConfig
     from ssvit.data import HFImages, _load_hf, augmentation
     from ssvit.prepare import prepare
+    from ssvit.stream import streaming_splits
 
     torch.set_num_threads(1)
     size, n = args.img_size, args.images
@@ -294,17 +298,26 @@ def pipeline(args) -> dict:
         timm_transform = create_transform(size, is_training=True, color_jitter=None)
         for name, ds in (("folder", folder), ("shards", shards)):
             raw = [v["bytes"] or Path(v["path"]).read_bytes() for v in HFImages(ds, "image", None, size).raw["image"]]
-            rows[f"decode only, {name}"] = _rate(raw, lambda b: Image.open(io.BytesIO(b)).convert("RGB").load())
+            rows[f"decode only (Pillow), {name}"] = _rate(raw, lambda b: Image.open(io.BytesIO(b)).convert("RGB").load())
+            rows[f"decode only (torchvision), {name}"] = _rate(
+                raw, lambda b: decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode.RGB))
             rows[f"timm create_transform, {name}"] = _rate(raw, lambda b: timm_transform(Image.open(io.BytesIO(b)).convert("RGB")))
             ssvit = HFImages(ds, "image", None, size, augment=augmentation(size, (0.08, 1.0)))
             rows[f"ssvit, {name}"] = _rate([(0, i) for i in range(len(ssvit))], ssvit.__getitem__)
+        cfg = TrainConfig(data=f"parquet:{tmp}", streaming=True, img_size=size, crop_scale=(0.08, 1.0), val_fraction=0.01)
+        stream = streaming_splits(cfg, 0, 1, micro_batch=1).train
+        stream.set_workers(1)
+        rows["ssvit streaming, shards"] = _rate([stream], lambda s: sum(1 for _ in s)) * len(stream)
     fastest = rows["ssvit, shards"]
+    decode = max(rows["decode only (Pillow), shards"], rows["decode only (torchvision), shards"])
     return {
         "images_per_s_per_core": rows,
         "ratios": {
             "ssvit_shards_vs_timm_folder": fastest / rows["timm create_transform, folder"],
             "ssvit_folder_vs_timm_folder": rows["ssvit, folder"] / rows["timm create_transform, folder"],
-            "ssvit_shards_vs_decode_only_shards": fastest / rows["decode only, shards"],
+            "ssvit_shards_vs_fastest_decode_only_shards": fastest / decode,
+            "ssvit_shards_vs_pillow_decode_only_shards": fastest / rows["decode only (Pillow), shards"],
+            "ssvit_streaming_vs_ssvit_shards": rows["ssvit streaming, shards"] / fastest,
         },
         "cores_per_gpu_for_3000_images_per_s": 3000 / fastest,
         "images": n, "img_size": size, "max_side": args.max_side, "data": args.data,

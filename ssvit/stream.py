@@ -94,18 +94,14 @@ def decode(reader: Reader, row: int, image: tuple, size: int, augment, seed: int
     """uint8 (3, size, size): the paper's crop drawn from (seed, epoch, row), decoded only as far as it needs."""
     from PIL import Image
 
-    from ssvit.data import decode_crop, item_rng
+    from ssvit.data import decode_crop, item_generator
 
     data, path = image
     source = io.BytesIO(data) if data else path
     try:
         if augment is not None:
-
-            def draw(height, width):
-                with item_rng(seed, epoch, row):
-                    return augment.draw(height, width)
-
-            return decode_crop(source, draw, size)
+            generator = item_generator(seed, epoch, row)
+            return decode_crop(source, lambda h, w: augment.draw(h, w, generator), size)
         with Image.open(source) as img:
             t = v2.functional.pil_to_tensor(img.convert("RGB"))
     except Exception as e:  # noqa: BLE001 - named, with the way out

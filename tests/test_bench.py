@@ -29,7 +29,9 @@ def test_pipeline_benchmark_reports_every_row_and_the_ratios(tmp_path):
     report = main(["--pipeline", "--data", f"imagefolder:{IMAGENET_SAMPLE}", "--images", "8", "--img_size", "64",
                    "--max_side", "96", "--out", str(tmp_path / "pipeline.json")])  # fmt: skip
     rows = report["images_per_s_per_core"]
-    assert {"decode only, folder", "timm create_transform, folder", "ssvit, folder", "decode only, shards",
-            "timm create_transform, shards", "ssvit, shards"} == set(rows)  # fmt: skip
+    inputs = [f"{kind}, {source}" for source in ("folder", "shards")
+              for kind in ("decode only (Pillow)", "decode only (torchvision)", "timm create_transform", "ssvit")]  # fmt: skip
+    assert set(rows) == {*inputs, "ssvit streaming, shards"}
     assert all(v > 0 for v in rows.values()) and report["cores_per_gpu_for_3000_images_per_s"] > 0
-    assert set(report["ratios"]) == {"ssvit_shards_vs_timm_folder", "ssvit_folder_vs_timm_folder", "ssvit_shards_vs_decode_only_shards"}
+    assert set(report["ratios"]) == {"ssvit_shards_vs_timm_folder", "ssvit_folder_vs_timm_folder", "ssvit_shards_vs_fastest_decode_only_shards",
+                                     "ssvit_shards_vs_pillow_decode_only_shards", "ssvit_streaming_vs_ssvit_shards"}  # fmt: skip

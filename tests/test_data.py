@@ -139,7 +139,7 @@ def test_fast_jpeg_decode_draws_the_same_crop_boxes_as_the_full_decode(tmp_path,
     boxes = {True: [], False: []}
     draw = Augmentation.draw
     for fast in (True, False):
-        monkeypatch.setattr(Augmentation, "draw", lambda self, h, w, fast=fast: boxes[fast].append(draw(self, h, w)) or boxes[fast][-1])
+        monkeypatch.setattr(Augmentation, "draw", lambda self, h, w, g=None, fast=fast: boxes[fast].append(draw(self, h, w, g)) or boxes[fast][-1])
         images = HFImages(ds, "img", "label", 32, augment=augment, seed=3, fast_decode=fast)
         boxes[fast].append([images[(epoch, i)]["image"] for epoch in (0, 1) for i in range(40)])
     fast_images, full_images = boxes[True].pop(), boxes[False].pop()
