@@ -3,6 +3,8 @@
     python -m ssvit.bench                                   # ViT-Ti/4 on 32px, masked_patch, fp32 and bf16, CPU
     python -m ssvit.bench --precision bf16 --batch_size 256 --out bench.json
     python -m ssvit.bench --model vit_base_patch16_224 --model_kwargs '{}' --img_size 224 --device cuda --precision bf16
+    python -m ssvit.bench --end_to_end                     # a real pretrain.py run against the bare step
+    python -m ssvit.bench --pipeline --img_size 224         # the input pipeline on real photographs
 
 For each precision it reports training images/s (median of timed windows after warm-up), model FLOPs per
 image counted with torch.utils.flop_counter.FlopCounterMode on one training step, achieved FLOP/s and model
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from objectives import get as get_objective
-from ssvit.config import TrainConfig
+from ssvit.config import DEFAULT_MODEL_KWARGS, TrainConfig
 from ssvit.data import TensorImages, augmentation, synthetic_images
 from ssvit.models import create_backbone, set_fused_attention
 from ssvit.train import make_optimizer, train_step
@@ -259,6 +261,110 @@ def run(args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# A real training run against the bare step (--end_to_end)
+
+
+def end_to_end(args) -> dict:
+    """Images/s of a real ssvit/pretrain.py run (its train(), with data loading, the loop, the scheduler, logging: all of it) against
+    the bare train_step on the same model, batch and precision, in one process, one after the other. The
+    difference is what the loop and the input pipeline cost. Windows of --logging_steps steps; the first window
+    (warm-up) is left out of both."""
+    import tempfile
+
+    from accelerate.state import AcceleratorState
+
+    from ssvit.config import parse
+    from ssvit.train import cpu_has_bf16, train
+
+    device = torch.device(args.device)
+    precision = "bf16" if "bf16" in args.precision and (device.type == "cuda" or cpu_has_bf16()) else "fp32"
+    torch.manual_seed(0)
+    images = torch.rand(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    labels = torch.randint(0, 10, (args.batch_size,), device=device)
+    fused_optimizer = args.fused_optimizer if args.fused_optimizer is not None else device.type == "cuda"
+    step, _, _ = ssvit_candidate(args, device, precision, images, labels, fused_optimizer)
+    seconds, _ = time_steps(step, device, windows=args.windows, steps_per_window=args.logging_steps)
+    bare = args.batch_size / seconds
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        steps = args.logging_steps * (args.windows + 1)
+        train(parse(["--objective", args.objective, "--model", args.model, "--model_kwargs", json.dumps(args.model_kwargs),
+                  "--img_size", str(args.img_size), "--batch_size", str(args.batch_size), "--data", args.end_to_end,
+                  "--max_steps", str(steps), "--warmup_steps", str(steps // 10), "--logging_steps", str(args.logging_steps),
+                  "--eval_steps", str(10**9), "--fewshot_steps", "0", "--save_steps", str(10**9), "--report_to", "[]",
+                  "--mixed_precision", "bf16" if precision == "bf16" else "no", "--output_dir", f"{tmp}/run"]))  # fmt: skip
+        windows = [json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
+        rates = [w["train/images_per_s"] for w in windows if "train/images_per_s" in w][1:]
+        wait = [w["train/data_wait_fraction"] for w in windows if "train/data_wait_fraction" in w][1:]
+    real = statistics.median(rates)
+    return {
+        "bare_step_images_per_s": bare, "pretrain_run_images_per_s": real, "overhead": 1 - real / bare,
+        "data_wait_fraction": statistics.median(wait), "precision": precision, "data": args.end_to_end,
+        "model": args.model, "model_kwargs": args.model_kwargs, "img_size": args.img_size, "batch_size": args.batch_size,
+        "windows": len(rates), "steps_per_window": args.logging_steps, "device": args.device, "cpu": _cpu_name(),
+        "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+    }  # fmt: skip
+
+
+def format_end_to_end(r: dict) -> str:
+    return (f"{r['device']} ({r['cpu']}, {r['threads']} threads), {r['model']} {r['model_kwargs']} at {r['img_size']} px, "
+            f"batch {r['batch_size']}, {r['precision']}, data {r['data']}, median of {r['windows']} windows of "
+            f"{r['steps_per_window']} steps, {r['date']}\n"
+            f"bare train_step: {r['bare_step_images_per_s']:.1f} images/s; ssvit/pretrain.py run: "
+            f"{r['pretrain_run_images_per_s']:.1f} images/s; overhead {r['overhead']:.1%} "
+            f"(waiting for data: {r['data_wait_fraction']:.1%} of the run's time)")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What the paper's recipe costs (--cost)
+
+PRESETS = ("vit_b16_mpp_imagenet", "vit_l16_mpp_imagenet", "vit_h14_mpp_imagenet")
+PAPER_IMAGES = 1_000_000 * 4096  # App. B.1.2: 1M steps at batch 4096
+
+
+def cost(args) -> dict:
+    """FLOPs of one training image of each ImageNet preset, counted with FlopCounterMode on this machine (forward,
+    backward), and what the preset's budget and the paper's cost on GPUs at --assumed_mfu of --gpu_peak: an
+    estimate until a GPU run measures the step, and labelled so."""
+    from ssvit.config import parse
+    from ssvit.train import build_objective
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    rows = {}
+    for name in PRESETS:
+        run = parse(["--config", str(root / f"{name}.yaml")])
+        cfg = run.train
+        model = build_objective(run, num_classes=10)
+        images = torch.rand(1, 3, cfg.img_size, cfg.img_size)
+        flops = count_flops(lambda a, b: model(a, b).loss, images, torch.zeros(1, dtype=torch.long), torch.device("cpu"), "fp32")
+        preset_images = cfg.max_steps * cfg.batch_size
+        per_gpu = args.assumed_mfu * args.gpu_peak / flops  # images/s of one GPU at that MFU
+        rows[name] = {
+            "model": cfg.model, "img_size": cfg.img_size, "gflops_per_image": flops / 1e9,
+            "preset_images": preset_images, "preset_gpu_hours": preset_images / per_gpu / 3600,
+            "paper_gpu_hours": PAPER_IMAGES / per_gpu / 3600, "images_per_s_per_gpu": per_gpu,
+            "global_batch": cfg.batch_size, "lr": cfg.lr,
+        }  # fmt: skip
+    return {"presets": rows, "assumed_mfu": args.assumed_mfu, "gpu_peak": args.gpu_peak, "cpu": _cpu_name(),
+            "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+
+
+def format_cost(report: dict, gpus=(2, 8, 64), micro_batch: int = 256) -> str:
+    lines = [f"FLOPs counted on {report['cpu']}, {report['date']}. GPU time ESTIMATED at {report['assumed_mfu']:.0%} MFU of "
+             f"{report['gpu_peak'] / 1e12:.0f} TFLOP/s (H100 SXM dense bf16), not measured.", "",
+             "| preset | GFLOP per training image | images/s per GPU (est.) | preset budget | GPU-hours (est.) | paper's 4.1B images: GPU-hours (est.) |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for name, r in report["presets"].items():
+        lines.append(f"| {name} ({r['model']}, {r['img_size']} px) | {r['gflops_per_image']:.1f} | {r['images_per_s_per_gpu']:,.0f} | "
+                     f"{r['preset_images'] / 1e6:,.0f}M images | {r['preset_gpu_hours']:,.0f} | {r['paper_gpu_hours']:,.0f} |")  # fmt: skip
+    lines += ["", f"| GPUs | batch per GPU (global 4096) | --gradient_accumulation_steps at {micro_batch} per pass | lr |", "|---|---|---|---|"]
+    for n in gpus:
+        per = 4096 // n
+        lines.append(f"| {n} | {per} | {max(1, per // micro_batch)} | 2e-4 (global batch unchanged: no rescaling) |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The input pipeline at ImageNet resolution, per core (--pipeline)
 
 
@@ -283,7 +389,7 @@ def pipeline(args) -> dict:
     from timm.data import create_transform
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from ssvit.config import TrainConfig
+    from ssvit.config import DEFAULT_MODEL_KWARGS, TrainConfig
     from ssvit.data import HFImages, _load_hf, augmentation
     from ssvit.prepare import prepare
     from ssvit.stream import streaming_splits
@@ -364,7 +470,8 @@ def main(argv=None) -> dict:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="vit_tiny_patch16_224")
-    p.add_argument("--model_kwargs", type=yaml.safe_load, default={"patch_size": 4})
+    p.add_argument("--model_kwargs", type=yaml.safe_load, default=DEFAULT_MODEL_KWARGS["vit_tiny_patch16_224"],
+                   help="default: the training default (ViT-Ti/4, 6 blocks)")
     p.add_argument("--img_size", type=int, default=32)
     p.add_argument("--objective", default="masked_patch")
     p.add_argument("--batch_size", type=int, default=128)
@@ -377,11 +484,28 @@ def main(argv=None) -> dict:
     p.add_argument("--channels_last", action="store_true", help="channels_last model and images for ssvit (BiT, hybrids)")
     p.add_argument("--peers", nargs="*", default=["timm", "transformers"], help="peers to measure beside ssvit")
     p.add_argument("--out", default="bench.json")
+    p.add_argument("--end_to_end", nargs="?", const=f"parquet:{Path(__file__).parents[2] / 'shared/data/cifar10/train.parquet'}",
+                   default=None, metavar="DATA", help="time a real pretrain.py run on DATA (default: the shared CIFAR-10, "
+                   "in the uint8 cache) against the bare step")  # fmt: skip
+    p.add_argument("--logging_steps", type=int, default=10, help="with --end_to_end: steps per timed window")
+    p.add_argument("--cost", action="store_true", help="FLOPs and estimated GPU-hours of the ImageNet presets")
+    p.add_argument("--assumed_mfu", type=float, default=0.4, help="with --cost: the MFU the GPU estimate assumes")
+    p.add_argument("--gpu_peak", type=float, default=989e12, help="with --cost: dense bf16 FLOP/s of one GPU")
     p.add_argument("--pipeline", action="store_true", help="benchmark the input pipeline at --img_size instead of the step")
     p.add_argument("--data", default="imagefolder:../shared/data/imagenet-sample", help="with --pipeline: the photographs")
     p.add_argument("--images", type=int, default=300, help="with --pipeline: how many of them")
     p.add_argument("--max_side", type=int, default=320, help="with --pipeline: shorter side of the prepared shards")
     args = p.parse_args(argv)
+    if args.cost:
+        report = cost(args)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(format_cost(report))
+        return report
+    if args.end_to_end:
+        report = end_to_end(args)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(format_end_to_end(report))
+        return report
     if args.pipeline:
         report = pipeline(args)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -71,8 +71,8 @@ class TrainConfig:
     shuffle_buffer: int = 1000
     """With --streaming: images in each loader worker's shuffle buffer (Hugging Face datasets' default size)."""
     dataloader_num_workers: Optional[int] = None
-    """DataLoader worker processes. Unset: none for data in the uint8 cache (nothing to decode), else the machine's
-    cores divided among the local processes (persistent, prefetching; pinned memory on CUDA)."""
+    """DataLoader worker processes. Unset: one for data in the uint8 cache (it only crops and flips), else the
+    machine's cores divided among the local processes (persistent, prefetching; pinned memory on CUDA)."""
 
     output_dir: str = "runs/latest"
     """Where checkpoints, logs, config.yaml and figures go."""

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from ssvit.bench import main
 
 
@@ -35,3 +37,25 @@ def test_pipeline_benchmark_reports_every_row_and_the_ratios(tmp_path):
     assert all(v > 0 for v in rows.values()) and report["cores_per_gpu_for_3000_images_per_s"] > 0
     assert set(report["ratios"]) == {"ssvit_shards_vs_timm_folder", "ssvit_folder_vs_timm_folder", "ssvit_shards_vs_fastest_decode_only_shards",
                                      "ssvit_shards_vs_pillow_decode_only_shards", "ssvit_streaming_vs_ssvit_shards"}  # fmt: skip
+
+
+def test_end_to_end_compares_a_real_pretraining_run_with_the_bare_step(tmp_path):
+    report = main(["--model_kwargs", "{patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}", "--img_size", "16",
+                   "--batch_size", "16", "--windows", "2", "--logging_steps", "3", "--precision", "fp32",
+                   "--end_to_end", "synthetic:400", "--out", str(tmp_path / "e2e.json")])  # fmt: skip
+    assert json.loads((tmp_path / "e2e.json").read_text()) == report
+    assert report["bare_step_images_per_s"] > 0 and report["pretrain_run_images_per_s"] > 0 and report["windows"] == 2
+    assert report["overhead"] == 1 - report["pretrain_run_images_per_s"] / report["bare_step_images_per_s"]
+    assert 0 <= report["data_wait_fraction"] < 1
+
+
+def test_cost_counts_the_flops_of_the_imagenet_presets_and_labels_the_gpu_estimate(tmp_path, monkeypatch, capsys):
+    import ssvit.bench
+
+    monkeypatch.setattr(ssvit.bench, "PRESETS", ("vit_b16_mpp_imagenet",))
+    report = main(["--cost", "--out", str(tmp_path / "cost.json")])
+    row = report["presets"]["vit_b16_mpp_imagenet"]
+    assert 95 < row["gflops_per_image"] < 110  # ViT-B/16 at 224: 3 x 17.6 GMACs x 2, plus the head
+    assert row["preset_images"] == 200_000 * 4096
+    assert row["preset_gpu_hours"] * 3600 * row["images_per_s_per_gpu"] == pytest.approx(row["preset_images"])
+    assert "ESTIMATED" in capsys.readouterr().out
