@@ -49,7 +49,11 @@ class RowGroups:
 
         file, group, rows = [], [], []
         for i, path in enumerate(files):
-            meta = pq.ParquetFile(path).metadata
+            try:
+                meta = pq.ParquetFile(path).metadata
+            except Exception as e:  # noqa: BLE001 - a truncated or foreign file: named, before any training
+                raise UsageError(f"{path} is not a readable parquet file ({type(e).__name__}: {e}). Remove it from the "
+                                 f"folder, or write the shards again with python -m ssvit.prepare.") from e  # fmt: skip
             for g in range(meta.num_row_groups):
                 file.append(i), group.append(g), rows.append(meta.row_group(g).num_rows)
         rows = np.asarray(rows, dtype=np.int64)
@@ -73,6 +77,7 @@ class Reader:
         self._open: dict = {}
 
     def read(self, g: int) -> tuple[list, Optional[np.ndarray]]:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         i = int(self.groups.file[g])
@@ -81,7 +86,13 @@ class Reader:
         columns = [self.image_column] + ([self.label_column] if self.label_column else [])
         table = self._open[i].read_row_group(int(self.groups.group[g]), columns=columns)
         image = table.column(self.image_column).combine_chunks()
-        images = list(zip(image.field("bytes").to_pylist(), image.field("path").to_pylist()))
+        if pa.types.is_struct(image.type):  # datasets' Image: {bytes, path}
+            images = list(zip(image.field("bytes").to_pylist(), image.field("path").to_pylist()))
+        elif pa.types.is_binary(image.type) or pa.types.is_large_binary(image.type):  # encoded bytes alone
+            images = [(b, None) for b in image.to_pylist()]
+        else:
+            raise UsageError(f"column {self.image_column!r} of {self.groups.files[i]} holds {image.type}, not encoded "
+                             f"images: name the image column with --image_column.")  # fmt: skip
         labels = table.column(self.label_column).to_numpy().astype(np.int64) if self.label_column else None
         return images, labels
 
@@ -301,10 +312,10 @@ def streaming_splits(cfg, rank: int, world: int, micro_batch: int):
     if not files.get("train"):
         raise FileNotFoundError(f"--data {cfg.data}: no parquet training files at {path} (a file, a glob, or a folder "
                                 f"with train-*.parquet).")  # fmt: skip
+    groups = RowGroups.scan(files["train"])  # first: a file that is not parquet is named before anything else
     features = _features(files["train"])
     image_col, label_col = _columns(SimpleNamespace(features=features), cfg.image_column, cfg.label_column)
     names = [str(n) for n in getattr(features.get(label_col), "names", None) or []]
-    groups = RowGroups.scan(files["train"])
     labels = _labels(groups, label_col)
     if labels is not None:
         names = names or [str(n) for n in np.unique(labels)]

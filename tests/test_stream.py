@@ -73,3 +73,45 @@ def test_streamed_data_trains_with_held_out_validation_and_test(shards, tmp_path
                             "--dataloader_num_workers", "2", "--eval_steps", "4"))  # fmt: skip
     assert result["steps"] == 4 and "streamed" in result["data"] and "test/loss" in result
     assert torch.isfinite(torch.tensor(result["val/loss"]))
+
+
+def test_what_a_hostile_tester_streams(shards, tmp_path):
+    """One step off the tested path: a truncated shard, a corrupt image, unlabeled shards, plain bytes columns."""
+    import io
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from ssvit.pretrain import main
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(shards, truncated)
+    victim = truncated / "train-00001-of-00003.parquet"
+    victim.write_bytes(victim.read_bytes()[:1000])
+    with pytest.raises(UsageError, match="train-00001-of-00003.parquet is not a readable parquet file"):
+        stream(truncated)
+
+    # Plain parquet (no datasets metadata): image bytes in a binary column, no labels; one image corrupt.
+    png = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 200, 30)).save(png, format="PNG")
+    images = [png.getvalue()] * 80
+    images[37] = b"not an image"
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    pq.write_table(pa.table({"jpeg": pa.array(images, pa.binary())}), plain / "train.parquet", row_group_size=10)
+    with pytest.raises(UsageError, match="No image column.*--image_column"):
+        stream(plain)
+    splits = stream(plain, image_column="jpeg", workers=1)
+    assert splits.num_classes == 0 and "no labels" in splits.description
+    with pytest.raises(UsageError, match=r"Could not decode the image at row 7 of row group 3 of .*train.parquet"):
+        rows_read(splits.train, workers=0)
+    # Unlabeled shards train a self-supervised objective; a supervised one is refused up front.
+    good = tmp_path / "good"
+    good.mkdir()
+    pq.write_table(pa.table({"jpeg": pa.array([png.getvalue()] * 80, pa.binary())}), good / "train.parquet", row_group_size=10)
+    args = tiny_args(tmp_path, "--data", f"parquet:{good}", "--streaming", "--image_column", "jpeg", "--val_fraction", "0.1")
+    assert main(args)["steps"] == 4
+    with pytest.raises(UsageError, match="needs labels"):
+        main([*tiny_args(tmp_path / "sup", objective="supervised"), "--data", f"parquet:{good}", "--streaming", "--image_column", "jpeg"])
