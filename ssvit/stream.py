@@ -177,6 +177,8 @@ class StreamingImages(IterableDataset):
         self.groups, self.train_rows, self.all_labels = groups, np.asarray(train_rows), labels
         self.columns, self.size, self.augment, self.seed = (image_column, label_column), size, augment, seed
         self.buffer_size, self.micro_batch, self.rank, self.world = buffer_size, micro_batch, rank, world
+        self.is_train = np.zeros(groups.total, dtype=bool)
+        self.is_train[self.train_rows] = True
         self.workers = 1
         # (epoch, micro-batches of this epoch already consumed), in shared memory: persistent DataLoader workers
         # read it at each new iteration (they hold a copy of the dataset made when they started).
@@ -210,8 +212,7 @@ class StreamingImages(IterableDataset):
         """Global row ids worker `worker` of this process reads in `epoch`, in reading order."""
         g = self.groups
         order = np.random.default_rng([self.seed, epoch]).permutation(len(g.rows))
-        rows = [r for r in (np.arange(g.first[i], g.first[i] + g.rows[i]) for i in order)]
-        rows = [r[np.isin(r, self.train_rows, assume_unique=True)] for r in rows]  # held-out rows are not trained on
+        rows = [r[self.is_train[r]] for r in (np.arange(g.first[i], g.first[i] + g.rows[i]) for i in order)]  # held-out rows are not trained on
         # This process's row groups: a contiguous run of them, cut at the boundaries nearest to its share of rows.
         starts = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
         cut = [int(np.abs(starts - p * len(self.train_rows) / self.world).argmin()) for p in (self.rank, self.rank + 1)]
@@ -265,7 +266,7 @@ class StreamingImages(IterableDataset):
         order = np.random.default_rng(0).permutation(len(self.groups.rows))
         take = order[: int(np.searchsorted(np.cumsum(self.groups.rows[order]), 10_000)) + 1]
         rows = np.concatenate([np.arange(self.groups.first[i], self.groups.first[i] + self.groups.rows[i]) for i in take])
-        rows = np.sort(rows[np.isin(rows, self.train_rows)])
+        rows = np.sort(rows[self.is_train[rows]])
         labels = torch.from_numpy(self.all_labels[rows]) if self.all_labels is not None else torch.full((len(rows),), -1)
         return ParquetRows(self.groups, rows, labels, *self.columns, self.size)
 
