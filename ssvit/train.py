@@ -39,11 +39,11 @@ from ssvit.checkpoints import (
 )
 from ssvit.config import RunConfig, TrainConfig, check_paths
 from ssvit.data import EpochSampler, Splits, load_splits
-from ssvit.stream import StreamingImages, streaming_splits
 from ssvit.errors import NonFiniteLossError, PeerLostError, UsageError
 from ssvit import evals
 from ssvit.evals import EVALUATORS
 from ssvit.models import create_backbone, describe, load_init, set_fused_attention
+from ssvit.stream import StreamingImages, streaming_splits
 
 
 class JSONLTracker(GeneralTracker):
