@@ -18,7 +18,6 @@ processes up to one row group per process (cuts fall between row groups); a diff
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from dataclasses import dataclass
@@ -103,18 +102,15 @@ class Reader:
 
 def decode(reader: Reader, row: int, image: tuple, size: int, augment, seed: int, epoch: int) -> torch.Tensor:
     """uint8 (3, size, size): the paper's crop drawn from (seed, epoch, row), decoded only as far as it needs."""
-    from PIL import Image
-
-    from ssvit.data import decode_crop, item_generator
+    from ssvit.data import _pil_decode, decode_crop, item_rng
 
     data, path = image
-    source = io.BytesIO(data) if data else path
     try:
+        data = data or Path(path).read_bytes()
         if augment is not None:
-            generator = item_generator(seed, epoch, row)
-            return decode_crop(source, lambda h, w: augment.draw(h, w, generator), size)
-        with Image.open(source) as img:
-            t = v2.functional.pil_to_tensor(img.convert("RGB"))
+            rng = item_rng(seed, epoch, row)
+            return decode_crop(data, lambda h, w: augment.draw(h, w, rng), size)
+        t = _pil_decode(data).permute(2, 0, 1)
     except Exception as e:  # noqa: BLE001 - named, with the way out
         raise UsageError(f"Could not decode the image at {reader.where(row)}: {e}. Remove or fix it (ssvit.prepare "
                          f"refuses unreadable images and writes clean shards).") from e  # fmt: skip

@@ -123,6 +123,59 @@ def test_augmentation_draws_exactly_as_torchvision():
         assert torch.equal(ours(img), expected)
 
 
+def ks_statistic(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the two empirical CDFs."""
+    values = torch.cat([a, b]).unique()
+    cdf = lambda x: torch.searchsorted(x.sort().values, values, right=True) / len(x)  # noqa: E731
+    return (cdf(a) - cdf(b)).abs().max().item()
+
+
+def test_per_item_crop_boxes_are_distributed_as_torchvisions():
+    """ssvit's loaders draw each item's box and flip from the item's own random.Random (5 us; a torch.Generator's
+    draws take 70): the boxes must be distributed as torchvision's RandomResizedCrop + RandomHorizontalFlip."""
+    from torchvision.transforms import v2
+
+    from ssvit.data import Augmentation, item_rng
+
+    height, width, n = 375, 500, 4000
+    image = torch.empty(3, height, width)
+    ours = torch.tensor([Augmentation(224, (0.08, 1.0)).draw(height, width, item_rng(0, 0, k)) for k in range(n)], dtype=torch.float64)
+    torch.manual_seed(0)
+    theirs = torch.tensor([(*v2.RandomResizedCrop.get_params(image, [0.08, 1.0], [3 / 4, 4 / 3]), torch.rand(1).item() < 0.5)
+                           for _ in range(n)], dtype=torch.float64)  # fmt: skip
+    critical = 1.95 * (2 / n) ** 0.5  # KS at the 0.1% level (deterministic seeds: the test does not flake)
+    for k, name in enumerate(("top", "left", "height", "width", "flip")):
+        assert ks_statistic(ours[:, k], theirs[:, k]) < critical, name
+    # ...and the test can tell a different augmentation apart: the paper's CIFAR scale (0.35, 1).
+    other = torch.tensor([Augmentation(224, (0.35, 1.0)).draw(height, width, item_rng(0, 0, k)) for k in range(n)], dtype=torch.float64)
+    assert ks_statistic(other[:, 2], theirs[:, 2]) > 3 * critical
+
+
+def test_fast_decode_reads_gray_cmyk_and_png_and_names_a_truncated_jpeg(tmp_path):
+    """libjpeg-turbo decodes what it can; PIL what it cannot (CMYK, PNG); a broken file is named, with its row."""
+    from ssvit.data import Augmentation, HFImages
+
+    def encode(img, fmt="JPEG"):
+        buf = io.BytesIO()
+        img.save(buf, format=fmt, quality=95)
+        return buf.getvalue()
+
+    y, x = torch.meshgrid(torch.linspace(0, 1, 48), torch.linspace(0, 1, 48), indexing="ij")
+    rgb = Image.fromarray((torch.stack([x, y, 1 - x], -1) * 255).byte().numpy())
+    sources = [encode(rgb), encode(rgb.convert("L")), encode(rgb.convert("CMYK")), encode(rgb, "PNG")]
+    ds = datasets.Dataset.from_dict({"img": [{"bytes": b, "path": None} for b in sources]}, features=datasets.Features({"img": datasets.Image()}))
+    images = HFImages(ds, "img", None, 48, augment=Augmentation(48, (1.0, 1.0), (1.0, 1.0), hflip=False))  # the whole image
+    for k, source in enumerate(sources):
+        expected = torch.from_numpy(__import__("numpy").array(Image.open(io.BytesIO(source)).convert("RGB"))).permute(2, 0, 1)
+        assert images[k]["image"].float().sub(expected.float()).abs().mean() < 1, k
+
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(sources[0][: len(sources[0]) // 2])
+    ds = datasets.Dataset.from_dict({"img": [{"bytes": None, "path": str(truncated)}]}, features=datasets.Features({"img": datasets.Image()}))
+    with pytest.raises(ValueError, match=r"Could not decode the image at .*truncated\.jpg.*Remove or fix it"):
+        HFImages(ds, "img", None, 48, augment=Augmentation(48))[0]
+
+
 def test_fast_jpeg_decode_draws_the_same_crop_boxes_as_the_full_decode(tmp_path, monkeypatch):
     from ssvit.data import Augmentation, HFImages
 
