@@ -369,12 +369,22 @@ def format_cost(report: dict, gpus=(2, 8, 64), micro_batch: int = 256) -> str:
 # The input pipeline at ImageNet resolution, per core (--pipeline)
 
 
-def _rate(items, fn) -> float:
-    """Items per second of fn over items, one thread."""
-    t = time.perf_counter()
+def _each(fn, items) -> None:
+    """fn over items, results dropped as they come (as a loader hands them on)."""
     for item in items:
         fn(item)
-    return len(items) / (time.perf_counter() - t)
+
+
+def _batches(items, n: int):
+    """Lists of n items (the last one shorter), as a DataLoader worker takes them."""
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def pipeline(args) -> dict:
@@ -382,8 +392,9 @@ def pipeline(args) -> dict:
     same photographs, side by side: timm's training transform (the baseline a user has today) over the JPEG
     folder and over ssvit's prepared shards, ssvit's loader over both and streaming the shards, and decode-only
     for each input (Pillow, as timm decodes; libjpeg-turbo through torchvision, and through simplejpeg as ssvit
-    decodes). The rows are timed in turn, --rounds times over, and each keeps its best round: on shared cores a
-    neighbour only ever slows a round down, and every row is treated alike."""
+    decodes). ssvit's rows are what a DataLoader worker does: items collated into batches of 64 (the batch copy
+    included; timm's rows leave theirs out). The rows are timed in turn, --rounds times over, and each keeps its
+    best round: on shared cores a neighbour only ever slows a round down, and every row is treated alike."""
     import io
     import tempfile
 
@@ -392,7 +403,7 @@ def pipeline(args) -> dict:
     from timm.data import create_transform
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from ssvit.data import HFImages, _load_hf
+    from ssvit.data import HFImages, _load_hf, collate
     from ssvit.prepare import prepare
     from ssvit.stream import streaming_splits
 
@@ -407,19 +418,22 @@ def pipeline(args) -> dict:
         for name, ds in (("folder", folder), ("shards", shards)):
             ssvit = HFImages(ds, "image", None, size, augment=augmentation(size, (0.08, 1.0)))
             raw = [bytes(ssvit.encoded(i)) for i in range(len(ssvit))]
-            cases[f"decode only (Pillow), {name}"] = raw, lambda b: Image.open(io.BytesIO(b)).convert("RGB").load()
-            cases[f"decode only (torchvision), {name}"] = raw, lambda b: decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode.RGB)
-            cases[f"decode only (simplejpeg), {name}"] = raw, lambda b: simplejpeg.decode_jpeg(b, "RGB")
-            cases[f"timm create_transform, {name}"] = raw, lambda b: timm_transform(Image.open(io.BytesIO(b)).convert("RGB"))
-            cases[f"ssvit, {name}"] = [(0, i) for i in range(len(ssvit))], ssvit.__getitem__
+            # name: (fn, what it is called on: encoded images, batches of keys or the stream, how many images that is)
+            cases[f"decode only (Pillow), {name}"] = (lambda b: Image.open(io.BytesIO(b)).convert("RGB").load()), raw, len(raw)
+            cases[f"decode only (torchvision), {name}"] = (lambda b: decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode.RGB)), raw, len(raw)
+            cases[f"decode only (simplejpeg), {name}"] = (lambda b: simplejpeg.decode_jpeg(b, "RGB")), raw, len(raw)
+            cases[f"timm create_transform, {name}"] = (lambda b: timm_transform(Image.open(io.BytesIO(b)).convert("RGB"))), raw, len(raw)
+            cases[f"ssvit, {name}"] = (lambda keys, ds=ssvit: collate([ds[(0, i)] for i in keys])), list(_batches(range(len(ssvit)), 64)), len(ssvit)
         cfg = TrainConfig(data=f"parquet:{tmp}", streaming=True, img_size=size, crop_scale=(0.08, 1.0), val_fraction=0.01)
         stream = streaming_splits(cfg, 0, 1, micro_batch=1).train
         stream.set_workers(1)
-        cases["ssvit streaming, shards"] = [stream], lambda s: sum(1 for _ in s)
+        cases["ssvit streaming, shards"] = (lambda s: _each(collate, _batches(s, 64))), [stream], sum(1 for _ in stream)
         rounds = {name: [] for name in cases}
         for _ in tqdm(range(args.rounds), desc="pipeline benchmark rounds", disable=args.rounds < 2):
-            for name, (items, fn) in cases.items():
-                rounds[name].append(_rate(items, fn) * (len(stream) if name.startswith("ssvit streaming") else 1))
+            for name, (fn, items, images) in cases.items():
+                t = time.perf_counter()
+                _each(fn, items)
+                rounds[name].append(images / (time.perf_counter() - t))
     rows = {name: max(r) for name, r in rounds.items()}
     fastest = rows["ssvit, shards"]
     decode = max(v for k, v in rows.items() if k.startswith("decode only") and k.endswith("shards"))

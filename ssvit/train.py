@@ -287,15 +287,16 @@ def loader_workers(cfg: TrainConfig, splits: Splits) -> dict:
     the training thread: the loop waited 2% of its time for it in the main process, README Performance) and the
     cores shared by the local processes otherwise. Workers are safe for exact resume: an item's augmentation is
     seeded by its (epoch, index) key, not by a worker's RNG."""
-    from ssvit.data import TensorImages
+    from ssvit.data import TensorImages, collate
 
     n = cfg.dataloader_num_workers
     if n is None:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         n = 1 if isinstance(splits.train, TensorImages) else max(1, (os.cpu_count() or 1) // local)
     if n == 0:
-        return {"num_workers": 0}
-    return {"num_workers": n, "persistent_workers": True, "prefetch_factor": 4, "pin_memory": torch.cuda.is_available()}
+        return {"num_workers": 0, "collate_fn": collate}
+    return {"num_workers": n, "persistent_workers": True, "prefetch_factor": 4, "pin_memory": torch.cuda.is_available(),
+            "collate_fn": collate}  # fmt: skip
 
 
 class Window:

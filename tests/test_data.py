@@ -199,3 +199,19 @@ def test_fast_jpeg_decode_draws_the_same_crop_boxes_as_the_full_decode(tmp_path,
     assert boxes[True] == boxes[False] and len(boxes[True]) == 80  # the same boxes and flips, item for item
     diff = torch.stack(fast_images).float().sub(torch.stack(full_images).float()).abs().mean()
     assert diff < 4  # the same crops, up to the decoder's scale and the resampling (out of 255)
+
+
+def test_collate_keeps_channels_last_images_as_they_are():
+    """decode_crop's images are channels-last in memory: ssvit's collate copies them into a channels-last batch
+    (the default collate transposes each one: 0.1 ms at 224 px) with the same values; other images as default."""
+    from torch.utils.data import default_collate
+
+    from ssvit.data import collate
+
+    hwc = [{"image": torch.randint(0, 255, (8, 6, 3), dtype=torch.uint8).permute(2, 0, 1), "label": torch.tensor(i)} for i in range(4)]
+    chw = [{"image": item["image"].contiguous(), "label": item["label"]} for item in hwc]
+    for items in (hwc, chw):
+        ours, theirs = collate(items), default_collate(items)
+        assert torch.equal(ours["image"], theirs["image"]) and torch.equal(ours["label"], theirs["label"])
+    assert collate(hwc)["image"].is_contiguous(memory_format=torch.channels_last)
+    assert collate(chw)["image"].is_contiguous()

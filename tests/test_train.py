@@ -100,14 +100,18 @@ def test_non_finite_loss_stops_and_writes_no_bad_checkpoint(tmp_path):
     assert not list((tmp_path / "run/checkpoints").glob("step_*"))
 
 
-@pytest.mark.parametrize("workers,streaming", [(0, False), (2, False), (2, True)], ids=["in_process", "two_workers", "streaming"])
-def test_sigkill_mid_epoch_then_resume_gives_the_same_losses(tmp_path, workers, streaming, shards):
-    # 540 training images at batch 16: 33 steps an epoch; checkpoints every 5 steps are mid-epoch. Streamed: 235
+@pytest.mark.parametrize("workers,data", [(0, "cached"), (2, "cached"), (2, "decoded"), (2, "streaming")],
+                         ids=["in_process", "two_workers", "decoded_two_workers", "streaming"])  # fmt: skip
+def test_sigkill_mid_epoch_then_resume_gives_the_same_losses(tmp_path, workers, data, shards, monkeypatch):
+    # 540 training images at batch 16: 33 steps an epoch; checkpoints every 5 steps are mid-epoch. Decoded: the JPEG
+    # shards read per image from Arrow (data beyond the uint8 cache), each crop decoded in a worker. Streamed: 235
     # training images over 2 workers, 14 steps an epoch: the same losses mean the same images in the same order.
     steps = 120 if not workers else 45
     common = ["--max_steps", str(steps), "--save_steps", "5", "--save_total_limit", "3", "--dataloader_num_workers", str(workers)]
-    if streaming:
-        common += ["--data", f"parquet:{shards}", "--streaming"]
+    if data == "decoded":
+        monkeypatch.setenv("SSVIT_MAX_CACHE_BYTES", "0")  # here and in the killed subprocess
+    if data != "cached":
+        common += ["--data", f"parquet:{shards}"] + (["--streaming"] if data == "streaming" else [])
     main(tiny_args(tmp_path / "straight", *common))
     reference = losses(tmp_path / "straight/run")
 
@@ -125,7 +129,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_losses(tmp_path, workers, 
 
     result = main([*args, "--resume"])
     resumed = losses(tmp_path / "killed/run")
-    assert result["steps"] == steps
+    assert result["steps"] == steps and ("decoded per image" in result["data"]) == (data == "decoded")
     after = [s for s in reference if s > 10]
     assert [resumed[s] for s in after] == [reference[s] for s in after]  # exact in fp32 on CPU
     logged = [json.loads(line)["step"] for line in (tmp_path / "killed/run/metrics.jsonl").read_text().splitlines() if "train/loss" in line]
