@@ -381,10 +381,13 @@ DCT_SCALES = (1 / 8, 1 / 4, 1 / 2)
 def decode_crop(data: bytes, draw: Callable[[int, int], tuple], size: int) -> torch.Tensor:
     """Decode only what a crop box needs, straight to uint8 (3, size, size). The box is drawn by `draw` from the
     image's size, read from its JPEG header (2 us; PIL's takes 33). libjpeg-turbo (simplejpeg) then decodes the
-    JPEG at the smallest of DCT_SCALES that keeps the box at least `size` pixels across, or at full size; the box
-    is cropped as a view and resized in one antialiased uint8 resampling (channels-last: PyTorch's vectorised
-    path). What libjpeg-turbo cannot decode to RGB (PNG, CMYK, a JPEG with a recoverable error) PIL decodes whole."""
+    JPEG at the smallest of DCT_SCALES that keeps the box at least `size` pixels across or, at full size, only the
+    rows of MCUs the box needs when the JPEG has restart markers (ssvit.jpeg: the same pixels); the box is cropped
+    as a view and resized in one antialiased uint8 resampling (channels-last: PyTorch's vectorised path). What
+    libjpeg-turbo cannot decode to RGB (PNG, CMYK, a JPEG with a recoverable error) PIL decodes whole."""
     import simplejpeg
+
+    from ssvit import jpeg
 
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
@@ -396,6 +399,10 @@ def decode_crop(data: bytes, draw: Callable[[int, int], tuple], size: int) -> to
     else:
         i, j, h, w, flip = draw(height, width)
         scale = next((s for s in DCT_SCALES if min(h, w) * s >= size), 1)
+        lay = jpeg.layout(data) if scale == 1 else None  # bands are bit-exact at full scale (tested), not at 1/4
+        if lay is not None:
+            data, top, height = jpeg.band(data, lay, i, i + h)
+            i -= top
         try:
             full = torch.from_numpy(simplejpeg.decode_jpeg(data, "RGB", min_height=math.ceil(height * scale), min_width=math.ceil(width * scale)))
         except ValueError:  # libjpeg-turbo refuses what PIL tolerates (extraneous bytes before a marker...)

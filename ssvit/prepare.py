@@ -48,7 +48,8 @@ def encode(source, max_side: Optional[int], quality: int) -> tuple[Optional[byte
                 scale = max_side / min(img.size)
                 img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
             out = io.BytesIO()
-            img.save(out, format="JPEG", quality=quality)
+            # A restart marker after every row of MCUs: a loader can then decode only the rows a crop needs (ssvit.jpeg).
+            img.save(out, format="JPEG", quality=quality, restart_marker_rows=1)
             return out.getvalue(), ""
     except Exception as e:  # noqa: BLE001 - any unreadable file is refused with its reason, never fatal
         return None, f"{type(e).__name__}: {e}"
@@ -136,7 +137,9 @@ def prepare(spec: str, out: str | Path, max_side: Optional[int] = None, shard_mb
     import numpy as np
 
     out = Path(out)
-    settings = {"max_side": max_side, "quality": quality, "shard_mb": shard_mb, "limit": limit, "seed": seed}
+    # "jpeg" names how re-encoded images are written: shards of an older format are rebuilt, not reused.
+    settings = {"max_side": max_side, "quality": quality, "shard_mb": shard_mb, "limit": limit, "seed": seed,
+                "jpeg": "restart marker every MCU row"}  # fmt: skip
     found = {}
     for split, (images, labels, names) in sources(spec).items():
         order = np.random.default_rng(seed).permutation(len(images))[:limit].tolist()
