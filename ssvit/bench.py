@@ -369,6 +369,25 @@ def format_cost(report: dict, gpus=(2, 8, 64), micro_batch: int = 256) -> str:
 # The input pipeline at ImageNet resolution, per core (--pipeline)
 
 
+def _seconds(fn, *args) -> float:
+    t = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t
+
+
+def _band_fraction(images, index: int) -> float:
+    """The share of an image's rows that decode_crop decodes for the item's box (epoch 0) at full scale."""
+    from ssvit import jpeg
+    from ssvit.data import item_rng
+
+    data = images.encoded(index)
+    lay = jpeg.layout(data)
+    if lay is None:
+        return 1.0
+    top, _, h, _, _ = images.augment.draw(lay.height, lay.width, item_rng(images.seed, 0, index))
+    return jpeg.band(data, lay, top, top + h)[2] / lay.height
+
+
 def _each(fn, items) -> None:
     """fn over items, results dropped as they come (as a loader hands them on)."""
     for item in items:
@@ -403,6 +422,8 @@ def pipeline(args) -> dict:
     from timm.data import create_transform
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    from torch.utils.data import default_collate
+
     from ssvit.data import HFImages, _load_hf, collate
     from ssvit.prepare import prepare
     from ssvit.stream import streaming_splits
@@ -410,13 +431,13 @@ def pipeline(args) -> dict:
     torch.set_num_threads(1)
     size, n = args.img_size, args.images
     folder = _load_hf(args.data)["train"].select(range(n))
-    cases = {}
+    cases, loaders = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         prepare(args.data, tmp, max_side=args.max_side, workers=1, quiet=True, limit=n)
         shards = _load_hf(f"parquet:{tmp}")["train"]
         timm_transform = create_transform(size, is_training=True, color_jitter=None)
         for name, ds in (("folder", folder), ("shards", shards)):
-            ssvit = HFImages(ds, "image", None, size, augment=augmentation(size, (0.08, 1.0)))
+            ssvit = loaders[name] = HFImages(ds, "image", None, size, augment=augmentation(size, (0.08, 1.0)))
             raw = [bytes(ssvit.encoded(i)) for i in range(len(ssvit))]
             # name: (fn, what it is called on: encoded images, batches of keys or the stream, how many images that is)
             cases[f"decode only (Pillow), {name}"] = (lambda b: Image.open(io.BytesIO(b)).convert("RGB").load()), raw, len(raw)
@@ -428,6 +449,11 @@ def pipeline(args) -> dict:
         stream = streaming_splits(cfg, 0, 1, micro_batch=1).train
         stream.set_workers(1)
         cases["ssvit streaming, shards"] = (lambda s: _each(collate, _batches(s, 64))), [stream], sum(1 for _ in stream)
+        on_shards = loaders["shards"]
+        batch = [on_shards[(0, i)] for i in range(min(64, len(on_shards)))]
+        collation = {"torch default_collate": default_collate, "ssvit collate": collate}
+        collate_ms = {name: 1e3 * min(_seconds(fn, batch) for _ in range(5)) / len(batch) for name, fn in collation.items()}
+        rows_decoded = statistics.mean(_band_fraction(on_shards, i) for i in range(len(on_shards)))
         rounds = {name: [] for name in cases}
         for _ in tqdm(range(args.rounds), desc="pipeline benchmark rounds", disable=args.rounds < 2):
             for name, (fn, items, images) in cases.items():
@@ -448,6 +474,8 @@ def pipeline(args) -> dict:
             "ssvit_streaming_vs_ssvit_shards": rows["ssvit streaming, shards"] / fastest,
         },
         "cores_per_gpu_for_3000_images_per_s": 3000 / fastest,
+        "rows_decoded_by_bands_on_the_shards": rows_decoded,
+        "collate_ms_per_image": collate_ms,
         "images": n, "img_size": size, "max_side": args.max_side, "data": args.data,
         "cpu": _cpu_name(), "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
@@ -458,7 +486,9 @@ def format_pipeline(report: dict) -> str:
              f"(shards: shorter side {report['max_side']} px), best of {len(next(iter(report['rounds'].values())))} rounds, {report['date']}", "", "| pipeline | images/s per core |", "|---|---|"]  # fmt: skip
     lines += [f"| {k} | {v:.0f} |" for k, v in report["images_per_s_per_core"].items()]
     lines += ["", ", ".join(f"{k} {v:.2f}" for k, v in report["ratios"].items()),
-              f"cores per GPU to feed a ViT-B/16 at 3,000 images/s: {report['cores_per_gpu_for_3000_images_per_s']:.1f}"]  # fmt: skip
+              f"cores per GPU to feed a ViT-B/16 at 3,000 images/s: {report['cores_per_gpu_for_3000_images_per_s']:.1f}",
+              f"rows of the shards' images decoded for the crops (row bands): {report['rows_decoded_by_bands_on_the_shards']:.0%}",
+              "collation, ms per image: " + ", ".join(f"{k} {v:.3f}" for k, v in report["collate_ms_per_image"].items())]  # fmt: skip
     return "\n".join(lines)
 
 

@@ -36,6 +36,8 @@ def test_pipeline_benchmark_reports_every_row_and_the_ratios(tmp_path):
     assert set(rows) == {*inputs, "ssvit streaming, shards"}
     assert all(v > 0 for v in rows.values()) and report["cores_per_gpu_for_3000_images_per_s"] > 0
     assert all(len(r) == 2 and rows[name] == max(r) for name, r in report["rounds"].items())  # the best of 2 rounds
+    assert 0 < report["rows_decoded_by_bands_on_the_shards"] < 1  # prepared shards carry restart markers: bands cut
+    assert set(report["collate_ms_per_image"]) == {"torch default_collate", "ssvit collate"}
     assert set(report["ratios"]) == {"ssvit_shards_vs_timm_folder", "ssvit_folder_vs_timm_folder", "ssvit_shards_vs_fastest_decode_only_shards",
                                      "ssvit_shards_vs_pillow_decode_only_shards", "ssvit_streaming_vs_ssvit_shards"}  # fmt: skip
 
