@@ -135,7 +135,8 @@ def _state(module) -> dict:
     return {k: v.contiguous() for k, v in module.state_dict().items()}
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, ema, run: RunConfig, keep: int) -> Path:
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, ema, run: RunConfig, keep: int,
+                    stream: Optional[dict] = None) -> Path:  # fmt: skip
     final = output_dir / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process and tmp.exists():
@@ -144,7 +145,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, ema, 
     with _written(tmp, f"checkpoint step {step}", (checkpoints_in(output_dir) or [None])[-1]):
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "stream": stream}))
             (tmp / "config.yaml").write_text(run.dump())
             if ema is not None:
                 save_file(_state(ema.module), tmp / "ema.safetensors")
@@ -156,6 +157,25 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, ema, 
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _reading(plan: Optional[dict]) -> str:
+    if plan is None:
+        return "map-style data (no --streaming)"
+    return (f"--streaming over {plan['processes']} process(es) x {plan['loader_workers']} DataLoader worker(s), "
+            f"micro-batches of {plan['micro_batch']}, --shuffle_buffer {plan['shuffle_buffer']}")  # fmt: skip
+
+
+def check_stream_plan(path: Path, stream: Optional[dict]) -> None:
+    """A streamed epoch's order is planned for its processes, loader workers, micro-batch and shuffle buffer
+    (ssvit/stream.py): a resume with others would not see the images the interrupted run had left."""
+    saved = json.loads((path / "trainer_state.json").read_text())
+    if "stream" not in saved or saved["stream"] == stream:  # checkpoints before this check carry no plan
+        return
+    raise UsageError(f"--resume {path}: the checkpoint was written by a run reading {_reading(saved['stream'])}; this "
+                     f"run reads {_reading(stream)}. The order of the images depends on them: resume with the same (the number "
+                     f"of processes, --dataloader_num_workers, --batch_size and --gradient_accumulation_steps, "
+                     f"--shuffle_buffer), or start a new run in another --output_dir.")  # fmt: skip
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path, model, ema, what: str) -> int:

@@ -197,6 +197,11 @@ class StreamingImages(IterableDataset):
                              f"--dataloader_num_workers, a smaller --batch_size, or shards with smaller row groups "
                              f"(python -m ssvit.prepare writes 100 images per row group).")  # fmt: skip
 
+    def plan(self) -> dict:
+        """What the order of every epoch depends on beyond the config's seed and data (saved with checkpoints)."""
+        return {"processes": self.world, "loader_workers": self.workers, "micro_batch": self.micro_batch,
+                "shuffle_buffer": self.buffer_size}  # fmt: skip
+
     def __len__(self) -> int:  # images of this process per epoch
         return self.batches_per_worker(self.workers) * self.workers * self.micro_batch
 

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 import objectives
 from ssvit.checkpoints import (
+    check_stream_plan,
     checkpoints_in,
     hold_folder,
     load_checkpoint,
@@ -262,6 +263,7 @@ def setup(run: RunConfig, accelerator: Accelerator) -> State:
     state = State(run, accelerator, splits, model, unwrapped, optimizer, make_scheduler(optimizer, cfg), loader, sampler,
                   steps_per_epoch, val_loader, (test_loader or [None])[0], ema, last_checkpoint=resume_from)  # fmt: skip
     if resume_from is not None:
+        check_stream_plan(resume_from, stream_plan(state))
         state.step = state.start_step = load_checkpoint(accelerator, resume_from, unwrapped, ema, f"this {cfg.objective} run")
         state.scheduler.step_update(state.step)
         state.best = read_best(output_dir)
@@ -280,6 +282,10 @@ def setup(run: RunConfig, accelerator: Accelerator) -> State:
         f"lr {lr:.3g}, {cfg.max_steps} steps ({steps_per_epoch} per epoch), precision {accelerator.mixed_precision}"
     )
     return state
+
+
+def stream_plan(state: State) -> Optional[dict]:
+    return state.sampler.plan() if isinstance(state.sampler, StreamingImages) else None
 
 
 def loader_workers(cfg: TrainConfig, splits: Splits) -> dict:
@@ -413,7 +419,7 @@ def loop(state: State) -> None:
                 check_finite()
                 check_savable(state, images, batch["label"])  # never write a checkpoint with non-finite weights
                 state.last_checkpoint = save_checkpoint(accelerator, state.output_dir, state.step, state.ema, state.run,
-                                                        cfg.save_total_limit)  # fmt: skip
+                                                        cfg.save_total_limit, stream_plan(state))  # fmt: skip
                 paused = True
             if paused:
                 window.start = time.perf_counter()  # evaluation and checkpoint time is not training throughput

@@ -88,6 +88,20 @@ def test_a_refused_resume_changes_nothing_in_the_run_folder(tmp_path):
     assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
 
 
+def test_a_streamed_run_resumed_with_other_loader_workers_is_refused(tmp_path, shards):
+    """A streamed epoch's order is planned for its processes and loader workers: another count would silently
+    train on other images than the interrupted run had left. Refused, naming both, with nothing changed."""
+    streamed = ["--data", f"parquet:{shards}", "--streaming", "--max_steps", "2", "--save_steps", "2"]
+    main(tiny_args(tmp_path, *streamed, "--dataloader_num_workers", "2"))
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    with pytest.raises(UsageError, match=r"2 DataLoader worker\(s\).*this run reads --streaming over 1 process\(es\) x 1 DataLoader"):
+        main(tiny_args(tmp_path, *streamed, "--dataloader_num_workers", "1", "--max_steps", "4", "--resume"))
+    with pytest.raises(UsageError, match=r"this run reads map-style data \(no --streaming\)"):
+        main(tiny_args(tmp_path, "--data", f"parquet:{shards}", "--max_steps", "4", "--resume"))
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+    main(tiny_args(tmp_path, *streamed, "--dataloader_num_workers", "2", "--max_steps", "4", "--resume"))  # the same plan
+
+
 def test_metrics_after_a_resume_hold_every_step_once(tmp_path):
     main(tiny_args(tmp_path, "--max_steps", "10", "--save_steps", "5", "--save_total_limit", "5"))
     main(tiny_args(tmp_path, "--max_steps", "10", "--resume", str(tmp_path / "run/checkpoints/step_000005")))
