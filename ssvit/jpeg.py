@@ -40,6 +40,13 @@ class Layout:
 
 def layout(data) -> Optional[Layout]:
     """Where a JPEG's rows of MCUs lie, or None when this file cannot cut it into bands."""
+    try:
+        return _layout(data)
+    except IndexError:  # a segment shorter than its fields: not ours to cut (the decoder will say what is wrong)
+        return None
+
+
+def _layout(data) -> Optional[Layout]:
     pos, end, sof, restart, factors = 2, len(data), None, 0, []
     if data[:2] != b"\xff\xd8":
         return None
@@ -51,6 +58,8 @@ def layout(data) -> Optional[Layout]:
             pos += 1
             continue
         length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if pos + 2 + length > end:  # a truncated segment
+            return None
         if marker in _OTHER_FRAMES:
             return None
         if marker in _SEQUENTIAL_HUFFMAN:

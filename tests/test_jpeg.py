@@ -63,6 +63,8 @@ def test_what_cannot_be_cut_is_left_whole():
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     assert layout(buf.getvalue()) is None and layout(b"") is None and layout(encode(img)[:100]) is None
+    data = encode(img, restart_marker_rows=1)
+    assert all(layout(data[:n]) is None for n in range(0, layout(data).scan, 7))  # any truncated header
     # Markers missing from the data (DRI promises them): the band is the whole image, as it came.
     data = encode(img, restart_marker_rows=1)
     lay = layout(data)
