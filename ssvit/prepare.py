@@ -151,8 +151,11 @@ def prepare(spec: str, out: str | Path, max_side: Optional[int] = None, shard_mb
         print(f"{out} is already prepared from {spec} with these settings: nothing to do.")
         return summary
     if manifest.exists():
-        raise UsageError(f"--out {out} was prepared from another source or with other settings (its prepare.json): "
-                         f"choose another folder, or delete it to rebuild.")  # fmt: skip
+        saved = json.loads(manifest.read_text())
+        changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in {"source": spec, **settings}.items() if saved.get(k) != v]
+        raise UsageError(f"--out {out} was prepared from another source or with other settings (its prepare.json; "
+                         f"{', '.join(changed) or 'the same settings, other source files'}): choose another folder, "
+                         f"or delete it to rebuild.")  # fmt: skip
     ours = re.compile(r"(train|validation|test)-\d{5}-of-\d{5}\.parquet")
     leftovers = list(out.glob("*.parquet")) if out.exists() else []
     if any(not ours.fullmatch(p.name) for p in leftovers):

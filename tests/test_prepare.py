@@ -81,5 +81,5 @@ def test_an_interrupted_prepare_is_rebuilt_and_other_settings_are_refused(odd_fo
     prepare_main(args)
     (out / "prepare.json").unlink()  # as if killed between the last shard and the manifest
     assert prepare_main(args)["written"] == {"train": 15} and "did not finish" in capsys.readouterr().out
-    with pytest.raises(UsageError, match="another source or with other settings"):
+    with pytest.raises(UsageError, match=r"another source or with other settings \(its prepare.json; max_side 32 -> 48\)"):
         prepare_main([*args[:-2], "--max_side", "48"])
