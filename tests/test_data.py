@@ -215,3 +215,27 @@ def test_collate_keeps_channels_last_images_as_they_are():
         assert torch.equal(ours["image"], theirs["image"]) and torch.equal(ours["label"], theirs["label"])
     assert collate(hwc)["image"].is_contiguous(memory_format=torch.channels_last)
     assert collate(chw)["image"].is_contiguous()
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["uint8_cache", "decoded_per_image"])
+def test_every_image_keeps_its_label_through_hold_out_and_subsets(tmp_path, monkeypatch, cached):
+    """Each image is a flat colour that names its row: after the held-out split (an indices mapping in datasets)
+    and a label subset, every item's label is its own row's, and train and validation cover each row once."""
+    if not cached:
+        monkeypatch.setenv("SSVIT_MAX_CACHE_BYTES", "0")
+    labels = torch.randint(0, 4, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=list("abcd"))})
+    rows = {"img": [{"bytes": png((6 * i, 255 - 6 * i, 128)), "path": None} for i in range(40)], "label": labels}
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "train.parquet"))
+    seen = []
+    for c in (cfg(f"parquet:{tmp_path / 'train.parquet'}"), cfg(f"parquet:{tmp_path / 'train.parquet'}", label_fraction=0.5)):
+        splits = load_splits(c)
+        assert ("decoded per image" in splits.description) != cached
+        for part in (splits.train, splits.val, splits.train.augmented(None)):
+            for k in range(len(part)):
+                item = part[k]
+                row = round(item["image"][0].float().mean().item() / 6)
+                assert int(item["label"]) == labels[row], (part, k, row)
+                if c.label_fraction is None and part is not splits.train:
+                    seen.append(row)
+    assert sorted(seen) == list(range(40))  # unaugmented train + validation: every row once
