@@ -420,9 +420,8 @@ def pipeline(args) -> dict:
     import simplejpeg
     from PIL import Image
     from timm.data import create_transform
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     from torch.utils.data import default_collate
+    from torchvision.io import ImageReadMode, decode_jpeg
 
     from ssvit.data import HFImages, _load_hf, collate
     from ssvit.prepare import prepare
@@ -448,7 +447,7 @@ def pipeline(args) -> dict:
         cfg = TrainConfig(data=f"parquet:{tmp}", streaming=True, img_size=size, crop_scale=(0.08, 1.0), val_fraction=0.01)
         stream = streaming_splits(cfg, 0, 1, micro_batch=1).train
         stream.set_workers(1)
-        cases["ssvit streaming, shards"] = (lambda s: _each(collate, _batches(s, 64))), [stream], sum(1 for _ in stream)
+        cases["ssvit streaming, shards"] = (lambda s: _each(collate, _batches(s, 64))), [stream], len(stream)
         on_shards = loaders["shards"]
         batch = [on_shards[(0, i)] for i in range(min(64, len(on_shards)))]
         collation = {"torch default_collate": default_collate, "ssvit collate": collate}
@@ -457,9 +456,7 @@ def pipeline(args) -> dict:
         rounds = {name: [] for name in cases}
         for _ in tqdm(range(args.rounds), desc="pipeline benchmark rounds", disable=args.rounds < 2):
             for name, (fn, items, images) in cases.items():
-                t = time.perf_counter()
-                _each(fn, items)
-                rounds[name].append(images / (time.perf_counter() - t))
+                rounds[name].append(images / _seconds(_each, fn, items))
     rows = {name: max(r) for name, r in rounds.items()}
     fastest = rows["ssvit, shards"]
     decode = max(v for k, v in rows.items() if k.startswith("decode only") and k.endswith("shards"))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
@@ -419,7 +420,6 @@ def _pil_decode(data: bytes) -> torch.Tensor:
     """uint8 (H, W, 3) by PIL: any format, any mode."""
     import io
 
-    import numpy as np
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as img:
@@ -486,7 +486,6 @@ class HFImages(ImageDataset):
     def __init__(self, ds, image_column, label_column, size, name="", is_main=True, augment=None, seed: int = 0,
                  fast_decode: bool = True):  # fmt: skip
         import datasets
-        import numpy as np
 
         super().__init__(column(ds, label_column), size, augment, seed)
         self.image_column, self.fast_decode = image_column, fast_decode
@@ -505,8 +504,6 @@ class HFImages(ImageDataset):
 
     def _value(self, index: int):
         """The image's {bytes, path} straight from the memory-mapped Arrow table (5 us; a datasets row: 36 us)."""
-        import numpy as np
-
         if self._column is None:
             self._column = self.raw.data.table.column(self.image_column)
             self._starts = np.cumsum([0] + [len(c) for c in self._column.chunks])

@@ -137,7 +137,7 @@ def prepare(spec: str, out: str | Path, max_side: Optional[int] = None, shard_mb
     import numpy as np
 
     out = Path(out)
-    # "jpeg" names how re-encoded images are written: shards of an older format are rebuilt, not reused.
+    # "jpeg" names how re-encoded images are written: a folder of an older format is not taken as done.
     settings = {"max_side": max_side, "quality": quality, "shard_mb": shard_mb, "limit": limit, "seed": seed,
                 "jpeg": "restart marker every MCU row"}  # fmt: skip
     found = {}

@@ -299,10 +299,10 @@ def loader_workers(cfg: TrainConfig, splits: Splits) -> dict:
     if n is None:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         n = 1 if isinstance(splits.train, TensorImages) else max(1, (os.cpu_count() or 1) // local)
-    if n == 0:
-        return {"num_workers": 0, "collate_fn": collate}
-    return {"num_workers": n, "persistent_workers": True, "prefetch_factor": 4, "pin_memory": torch.cuda.is_available(),
-            "collate_fn": collate}  # fmt: skip
+    settings = {"num_workers": n, "collate_fn": collate}
+    if n:
+        settings.update(persistent_workers=True, prefetch_factor=4, pin_memory=torch.cuda.is_available())
+    return settings
 
 
 class Window:

@@ -4,6 +4,7 @@ import io
 from types import SimpleNamespace
 
 import datasets
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -166,7 +167,7 @@ def test_fast_decode_reads_gray_cmyk_and_png_and_names_a_truncated_jpeg(tmp_path
     ds = datasets.Dataset.from_dict({"img": [{"bytes": b, "path": None} for b in sources]}, features=datasets.Features({"img": datasets.Image()}))
     images = HFImages(ds, "img", None, 48, augment=Augmentation(48, (1.0, 1.0), (1.0, 1.0), hflip=False))  # the whole image
     for k, source in enumerate(sources):
-        expected = torch.from_numpy(__import__("numpy").array(Image.open(io.BytesIO(source)).convert("RGB"))).permute(2, 0, 1)
+        expected = torch.from_numpy(np.array(Image.open(io.BytesIO(source)).convert("RGB"))).permute(2, 0, 1)
         assert images[k]["image"].float().sub(expected.float()).abs().mean() < 1, k
 
     truncated = tmp_path / "truncated.jpg"
