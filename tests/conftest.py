@@ -28,12 +28,17 @@ def tiny_args(tmp_path: Path, *extra: str, objective: str = "masked_patch") -> l
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Decoded-image caches go to a temporary folder, never the user's ~/.cache."""
+    """Decoded-image caches and Hugging Face datasets' Arrow caches go to the session's temporary folder, never the
+    user's ~/.cache (each test's parquet files would otherwise stay there as Arrow copies, a gigabyte per run)."""
+    import datasets
     import ssvit.data
 
     cache = tmp_path_factory.getbasetemp() / "ssvit-cache"
     monkeypatch.setattr(ssvit.data, "CACHE_DIR", cache)
     monkeypatch.setenv("SSVIT_CACHE", str(cache))
+    hf_cache = tmp_path_factory.getbasetemp() / "hf-datasets-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", hf_cache)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(hf_cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
 
