@@ -17,8 +17,10 @@ fatal. A second run with the same source and settings finds prepare.json and reb
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -55,37 +57,51 @@ def encode(source, max_side: Optional[int], quality: int) -> tuple[Optional[byte
         return None, f"{type(e).__name__}: {e}"
 
 
-def _encode_one(job):
-    return encode(*job)
+def _encode_chunk(jobs: list) -> list:
+    """(path or None, data, reason) for each (image, max_side, quality): the path names a refused file."""
+    return [(job[0] if isinstance(job[0], str) else None, *encode(*job)) for job in jobs]
 
 
-def sources(spec: str) -> dict[str, tuple[list, Optional[list[int]], list[str]]]:
-    """split -> (images as paths or bytes, labels (None: unlabeled), class names) of a --data source, without
-    decoding anything."""
+def _ordered_map(pool, fn, items, window: int):
+    """pool.map(fn, items) in order, taking `items` lazily, `window` at a time: Executor.map submits, and so reads,
+    every item at once, which would hold a parquet source's images in memory whole."""
+    items, pending = iter(items), collections.deque()
+    while True:
+        pending.extend(pool.submit(fn, item) for item in itertools.islice(items, window - len(pending)))
+        if not pending:
+            return
+        yield pending.popleft().result()
+
+
+def sources(spec: str) -> dict:
+    """split -> (its image column undecoded, labels (None: unlabeled), class names) of a --data source. Nothing is
+    decoded or read yet: a parquet source holds the images' bytes (150 GB for ImageNet), read a chunk at a time
+    by `images`."""
     import datasets
 
     from ssvit.data import _columns, _load_hf, column
 
-    dd = _load_hf(spec)
     out = {}
-    for split, ds in dd.items():
+    for split, ds in _load_hf(spec).items():
         image_col, label_col = _columns(ds, None, None)
-        feature = ds.features.get(label_col)
-        names = list(getattr(feature, "names", None) or [])
-        raw = ds.cast_column(image_col, datasets.Image(decode=False)).select_columns([image_col])
-        images = [v["bytes"] or v["path"] for v in raw.with_format("arrow")[:][image_col].to_pylist()]
-        out[split] = (images, column(ds, label_col).tolist() if label_col else None, names)
+        names = list(getattr(ds.features.get(label_col), "names", None) or [])
+        raw = ds.cast_column(image_col, datasets.Image(decode=False)).select_columns([image_col]).with_format("arrow")
+        out[split] = (raw, column(ds, label_col).tolist() if label_col else None, names)
     return out
 
 
+def images(raw, indices: list[int], chunk: int = 256):
+    """The images at `indices`, in that order, as paths (image folders) or bytes, read `chunk` rows at a time."""
+    for start in range(0, len(indices), chunk):
+        for v in raw[indices[start : start + chunk]].column(0).to_pylist():
+            yield v["bytes"] or v["path"]
+
+
 def fingerprint(spec: str, found: dict, settings: dict) -> str:
-    h = hashlib.sha256(json.dumps([spec, settings]).encode())
-    for split, (images, labels, _) in sorted(found.items()):
-        h.update(split.encode())
-        for image, label in zip(images, labels or [None] * len(images)):
-            h.update(image if isinstance(image, bytes) else f"{image}:{os.stat(image).st_size}".encode())
-            h.update(str(label).encode())
-    return h.hexdigest()
+    """The source as datasets knows it (its fingerprint covers every data file's path and modification time, or
+    the hub revision) and the settings: a second run tells what is done without reading a single image."""
+    parts = [spec, settings, sorted((split, raw._fingerprint) for split, (raw, *_) in found.items())]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
 ROW_GROUP = 100
@@ -93,9 +109,10 @@ ROW_GROUP = 100
 image data; its to_parquet would otherwise write one row group for a small shard)."""
 
 
-def write_shards(split: str, jobs: list, labels: Optional[list[int]], names: list[str], out: Path, shard_bytes: int,
-                 workers: int, refused: list, quiet: bool = False) -> int:  # fmt: skip
-    """Encode `jobs` in worker processes, in order, and write shards of about shard_bytes each."""
+def write_shards(split: str, raw, indices: list[int], labels: Optional[list[int]], names: list[str], out: Path,
+                 encoding: tuple, shard_bytes: int, workers: int, refused: list, quiet: bool = False) -> int:  # fmt: skip
+    """Encode the images at `indices` (with `encoding`: max_side, quality) in worker processes, in order, and write
+    shards of about shard_bytes each."""
     import datasets
 
     columns = {"image": datasets.Image()}
@@ -112,12 +129,14 @@ def write_shards(split: str, jobs: list, labels: Optional[list[int]], names: lis
             shards.append(path)
         rows, size = {k: [] for k in columns}, 0
 
+    jobs = ((image, *encoding) for image in images(raw, indices))
+    chunks = iter(lambda: list(itertools.islice(jobs, 16)), [])  # 16 images per task: less pickling overhead
     with ProcessPoolExecutor(workers) as pool:
-        results = pool.map(_encode_one, jobs, chunksize=16)
-        pairs = zip(zip(jobs, labels or [None] * len(jobs)), results)
-        for (job, label), (data, reason) in tqdm(pairs, total=len(jobs), desc=f"prepare {split}", unit="img", disable=quiet):
+        results = itertools.chain.from_iterable(_ordered_map(pool, _encode_chunk, chunks, window=4 * workers))
+        pairs = zip(indices, labels or itertools.repeat(None), results)
+        for index, label, (path, data, reason) in tqdm(pairs, total=len(indices), desc=f"prepare {split}", unit="img", disable=quiet):
             if data is None:
-                refused.append(f"{split}\t{job[0] if not isinstance(job[0], bytes) else '(bytes)'}\t{reason}")
+                refused.append(f"{split}\t{path or f'row {index} of the source'}\t{reason}")
                 continue
             rows["image"].append({"bytes": data, "path": None})
             if "label" in rows:
@@ -140,10 +159,7 @@ def prepare(spec: str, out: str | Path, max_side: Optional[int] = None, shard_mb
     # "jpeg" names how re-encoded images are written: a folder of an older format is not taken as done.
     settings = {"max_side": max_side, "quality": quality, "shard_mb": shard_mb, "limit": limit, "seed": seed,
                 "jpeg": "restart marker every MCU row"}  # fmt: skip
-    found = {}
-    for split, (images, labels, names) in sources(spec).items():
-        order = np.random.default_rng(seed).permutation(len(images))[:limit].tolist()
-        found[split] = ([images[i] for i in order], None if labels is None else [labels[i] for i in order], names)
+    found = sources(spec)
     key = fingerprint(spec, found, settings)
     manifest = out / "prepare.json"
     if manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") == key:
@@ -166,10 +182,10 @@ def prepare(spec: str, out: str | Path, max_side: Optional[int] = None, shard_mb
         print(f"{out}: an earlier run did not finish (no prepare.json); its {len(leftovers)} shards are rebuilt.")
     out.mkdir(parents=True, exist_ok=True)
     refused, counts = [], {}
-    for split, (images, labels, names) in found.items():
-        jobs = [(image, max_side, quality) for image in images]
-        counts[split] = write_shards(split, jobs, labels, names, out, int(shard_mb * 2**20), workers or os.cpu_count() or 1,
-                                     refused, quiet)  # fmt: skip
+    for split, (raw, labels, names) in found.items():
+        indices = np.random.default_rng(seed).permutation(len(raw))[:limit].tolist()
+        counts[split] = write_shards(split, raw, indices, labels and [labels[i] for i in indices], names, out, (max_side, quality),
+                                     int(shard_mb * 2**20), workers or os.cpu_count() or 1, refused, quiet)  # fmt: skip
     (out / "refused.txt").write_text("".join(f"{line}\n" for line in refused))
     summary = {"source": spec, "fingerprint": key, **settings, "written": counts, "refused": len(refused)}
     manifest.write_text(json.dumps(summary, indent=2) + "\n")  # last: its presence means the shards are complete

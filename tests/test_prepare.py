@@ -1,5 +1,7 @@
 """ssvit.prepare: an image folder to parquet shards in the hub layout, odd files included, done once."""
 
+import io
+
 import datasets
 import numpy as np
 import pyarrow.parquet as pq
@@ -83,3 +85,36 @@ def test_an_interrupted_prepare_is_rebuilt_and_other_settings_are_refused(odd_fo
     assert prepare_main(args)["written"] == {"train": 15} and "did not finish" in capsys.readouterr().out
     with pytest.raises(UsageError, match=r"another source or with other settings \(its prepare.json; max_side 32 -> 48\)"):
         prepare_main([*args[:-2], "--max_side", "48"])
+    Image.new("RGB", (64, 48), (0, 0, 0)).save(odd_folder / "train/n01/n01_0.JPEG")  # a source file replaced
+    with pytest.raises(UsageError, match=r"the same settings, other source files"):
+        prepare_main(args)
+
+
+def test_a_parquet_source_is_read_a_chunk_at_a_time_and_a_bad_row_is_named(tmp_path):
+    """A parquet source carries its images' bytes (ImageNet from the hub: 150 GB): prepare holds a bounded part of
+    them in memory, never the whole column, and names a refused image by its row."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    rows = {"image": [], "label": []}
+    for i in range(6000):
+        jpeg = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(jpeg, format="JPEG", quality=95)
+        rows["image"].append({"bytes": jpeg.getvalue() if i != 1234 else b"not an image", "path": None})
+        rows["label"].append(i % 2)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    source = tmp_path / "source.parquet"
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(source))
+    total = sum(len(r["bytes"]) for r in rows["image"])
+    del rows
+    datasets.load_dataset("parquet", data_files=str(source))  # its Arrow cache, written before we measure
+    tracemalloc.start()
+    try:
+        summary = prepare_main([f"parquet:{source}", "--out", str(tmp_path / "out"), "--workers", "1", "--shard_mb", "0.5"])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # 15% here, and bounded (29% with half as many images); 114% when the whole column was read at once.
+    assert peak < 0.5 * total, f"prepare held {peak / total:.0%} of the source's {total / 2**20:.1f} MiB of images"
+    assert summary["written"] == {"train": 5999} and summary["refused"] == 1
+    assert "train\trow 1234 of the source\t" in (tmp_path / "out/refused.txt").read_text()
