@@ -24,6 +24,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Optional
@@ -119,13 +120,23 @@ def write_shards(split: str, raw, indices: list[int], labels: Optional[list[int]
     if labels is not None:  # unlabeled sources stay unlabeled (no column of -1s that would pass for a class)
         columns["label"] = datasets.ClassLabel(names=names) if names else datasets.Value("int64")
     features = datasets.Features(columns)
-    shards, rows, size, written = [], {k: [] for k in columns}, 0, 0
+    shards, rows, size, written, written_bytes = [], {k: [] for k in columns}, 0, 0, 0
 
     def flush():
         nonlocal rows, size
         if rows["image"]:
             path = out / f".{split}-{len(shards):05d}.parquet.tmp"
-            datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path), batch_size=ROW_GROUP)
+            try:
+                datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path), batch_size=ROW_GROUP)
+            except OSError as e:  # a full disk, a quota, a folder gone: the partial shards are only in the way
+                for p in [*shards, path]:
+                    p.unlink(missing_ok=True)
+                need = written_bytes / written * len(indices) / 2**20
+                raise UsageError(f"Writing {path.name} to {out} failed ({e}) after {written} of {len(indices)} {split} "
+                                 f"images. The {split} shards need about {need:,.1f} MiB at the size of the images so "
+                                 f"far; {shutil.disk_usage(out).free / 2**20:,.0f} MiB are free there. Free some space "
+                                 f"or choose another --out, then run the same command again (the partial shards were "
+                                 f"removed; it starts over).") from e  # fmt: skip
             shards.append(path)
         rows, size = {k: [] for k in columns}, 0
 
@@ -141,7 +152,7 @@ def write_shards(split: str, raw, indices: list[int], labels: Optional[list[int]
             rows["image"].append({"bytes": data, "path": None})
             if "label" in rows:
                 rows["label"].append(label)
-            size, written = size + len(data), written + 1
+            size, written, written_bytes = size + len(data), written + 1, written_bytes + len(data)
             if size >= shard_bytes:
                 flush()
     flush()

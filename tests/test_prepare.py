@@ -118,3 +118,25 @@ def test_a_parquet_source_is_read_a_chunk_at_a_time_and_a_bad_row_is_named(tmp_p
     assert peak < 0.5 * total, f"prepare held {peak / total:.0%} of the source's {total / 2**20:.1f} MiB of images"
     assert summary["written"] == {"train": 5999} and summary["refused"] == 1
     assert "train\trow 1234 of the source\t" in (tmp_path / "out/refused.txt").read_text()
+
+
+def test_a_full_disk_while_writing_shards_is_named_with_the_space_needed(odd_folder, tmp_path, monkeypatch):
+    import errno
+
+    from ssvit.errors import UsageError
+
+    real, calls = datasets.Dataset.to_parquet, []
+
+    def to_parquet(self, path, **kwargs):  # the second shard finds the disk full, half written
+        calls.append(path)
+        if len(calls) == 2:
+            open(path, "wb").write(b"PAR1 partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, path, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "to_parquet", to_parquet)
+    out = tmp_path / "shards"
+    with pytest.raises(UsageError, match=r"No space left on device\) after \d+ of 16 train images\. The train shards need "
+                                         r"about .* MiB .* free there\. Free some space or choose another --out"):  # fmt: skip
+        prepare_main([f"imagefolder:{odd_folder}", "--out", str(out), "--max_side", "32", "--shard_mb", "0.001"])
+    assert list(out.iterdir()) == []  # no partial shard left in the way, and no prepare.json: a rerun starts over
