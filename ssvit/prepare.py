@@ -167,6 +167,16 @@ def prepare(spec: str, out: str | Path, max_side: Optional[int] = None, shard_mb
     import numpy as np
 
     out = Path(out)
+    bad = [f"--{name} {value} ({rule})" for name, value, ok, rule in [
+        ("max_side", max_side, max_side is None or max_side >= 1, "pixels of the shorter side: 1 or more; omit it to keep sizes"),
+        ("quality", quality, 1 <= quality <= 100, "JPEG quality: 1 to 100"),
+        ("shard_mb", shard_mb, shard_mb > 0, "MiB per shard: more than 0"),
+        ("workers", workers, workers is None or workers >= 1, "processes: 1 or more; omit it for all cores"),
+    ] if not ok]  # fmt: skip
+    if out.exists() and not out.is_dir():
+        bad.append(f"--out {out} (a file: give a folder)")
+    if bad:  # before the source is scanned (minutes for ImageNet)
+        raise UsageError(f"ssvit.prepare cannot take {'; '.join(bad)}.")
     # "jpeg" names how re-encoded images are written: a folder of an older format is not taken as done.
     settings = {"max_side": max_side, "quality": quality, "shard_mb": shard_mb, "limit": limit, "seed": seed,
                 "jpeg": "restart marker every MCU row"}  # fmt: skip

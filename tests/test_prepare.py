@@ -140,3 +140,13 @@ def test_a_full_disk_while_writing_shards_is_named_with_the_space_needed(odd_fol
                                          r"about .* MiB .* free there\. Free some space or choose another --out"):  # fmt: skip
         prepare_main([f"imagefolder:{odd_folder}", "--out", str(out), "--max_side", "32", "--shard_mb", "0.001"])
     assert list(out.iterdir()) == []  # no partial shard left in the way, and no prepare.json: a rerun starts over
+
+
+def test_impossible_settings_are_refused_before_the_source_is_read(tmp_path):
+    from ssvit.errors import UsageError
+
+    (tmp_path / "a_file").write_text("")
+    # A source that does not exist: the settings are checked first (scanning ImageNet takes minutes).
+    with pytest.raises(UsageError, match=r"--max_side -5 .*--quality 150 .*--shard_mb 0.0 .*--workers 0 .*a_file \(a file: give a folder\)"):
+        prepare_main(["imagefolder:/nonexistent", "--out", str(tmp_path / "a_file"), "--max_side", "-5", "--quality", "150",
+                      "--shard_mb", "0", "--workers", "0"])  # fmt: skip
