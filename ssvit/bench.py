@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from objectives import get as get_objective
 from ssvit.config import DEFAULT_MODEL_KWARGS, TrainConfig
 from ssvit.data import TensorImages, augmentation, synthetic_images
+from ssvit.errors import command
 from ssvit.models import create_backbone, set_fused_attention
 from ssvit.train import make_optimizer, train_step
 
@@ -514,7 +515,7 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> dict:
+def run_command(argv=None) -> dict:
     import yaml
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -572,6 +573,9 @@ def main(argv=None) -> dict:
     print(format_report(report))
     print(f"\nWritten: {args.out}")
     return report
+
+
+main = command("ssvit-bench")(run_command)
 
 
 if __name__ == "__main__":
