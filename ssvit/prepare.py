@@ -74,7 +74,7 @@ def _ordered_map(pool, fn, items, window: int):
         yield pending.popleft().result()
 
 
-def sources(spec: str) -> dict:
+def sources(spec: str, image_column: Optional[str] = None, label_column: Optional[str] = None) -> dict:
     """split -> (its image column undecoded, labels (None: unlabeled), class names) of a --data source. Nothing is
     decoded or read yet: a parquet source holds the images' bytes (150 GB for ImageNet), read a chunk at a time
     by `images`."""
@@ -84,7 +84,7 @@ def sources(spec: str) -> dict:
 
     out = {}
     for split, ds in _load_hf(spec).items():
-        image_col, label_col = _columns(ds, None, None)
+        image_col, label_col = _columns(ds, image_column, label_column)
         names = list(getattr(ds.features.get(label_col), "names", None) or [])
         raw = ds.cast_column(image_col, datasets.Image(decode=False)).select_columns([image_col]).with_format("arrow")
         out[split] = (raw, column(ds, label_col).tolist() if label_col else None, names)
@@ -162,7 +162,8 @@ def write_shards(split: str, raw, indices: list[int], labels: Optional[list[int]
 
 
 def prepare(spec: str, out: str | Path, max_side: Optional[int] = None, shard_mb: float = 256, workers: Optional[int] = None,
-            quality: int = 90, quiet: bool = False, limit: Optional[int] = None, seed: int = 0) -> dict:  # fmt: skip
+            quality: int = 90, quiet: bool = False, limit: Optional[int] = None, seed: int = 0,
+            image_column: Optional[str] = None, label_column: Optional[str] = None) -> dict:  # fmt: skip
     """Write the shards (see the module docstring); `limit`: only the first N images of each split."""
     import numpy as np
 
@@ -179,8 +180,8 @@ def prepare(spec: str, out: str | Path, max_side: Optional[int] = None, shard_mb
         raise UsageError(f"ssvit.prepare cannot take {'; '.join(bad)}.")
     # "jpeg" names how re-encoded images are written: a folder of an older format is not taken as done.
     settings = {"max_side": max_side, "quality": quality, "shard_mb": shard_mb, "limit": limit, "seed": seed,
-                "jpeg": "restart marker every MCU row"}  # fmt: skip
-    found = sources(spec)
+                "image_column": image_column, "label_column": label_column, "jpeg": "restart marker every MCU row"}  # fmt: skip
+    found = sources(spec, image_column, label_column)
     key = fingerprint(spec, found, settings)
     manifest = out / "prepare.json"
     if manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") == key:
@@ -191,7 +192,7 @@ def prepare(spec: str, out: str | Path, max_side: Optional[int] = None, shard_mb
         saved = json.loads(manifest.read_text())
         changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in {"source": spec, **settings}.items() if saved.get(k) != v]
         raise UsageError(f"--out {out} was prepared from another source or with other settings (its prepare.json; "
-                         f"{', '.join(changed) or 'the same settings, other source files'}): choose another folder, "
+                         f"{', '.join(changed) or 'the same settings, other source files or an older ssvit'}): choose another folder, "
                          f"or delete it to rebuild.")  # fmt: skip
     ours = re.compile(r"(train|validation|test)-\d{5}-of-\d{5}\.parquet")
     leftovers = list(out.glob("*.parquet")) if out.exists() else []
@@ -222,8 +223,11 @@ def run_command(argv=None) -> dict:
     p.add_argument("--workers", type=int, default=None, help="encoding processes (default: all cores)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images")
     p.add_argument("--seed", type=int, default=0, help="seed of the order the rows are written in (shuffled)")
+    p.add_argument("--image_column", default=None, help="the source's image column (default: its Image feature)")
+    p.add_argument("--label_column", default=None, help="the source's label column (default: its ClassLabel, or 'label')")
     args = p.parse_args(argv)
-    summary = prepare(args.source, args.out, args.max_side, args.shard_mb, args.workers, args.quality, seed=args.seed)
+    summary = prepare(args.source, args.out, args.max_side, args.shard_mb, args.workers, args.quality, seed=args.seed,
+                      image_column=args.image_column, label_column=args.label_column)  # fmt: skip
     print(f"Written: {summary['written']} images; refused: {summary['refused']} (see {Path(args.out) / 'refused.txt'}).")
     print(f"Train on it: accelerate launch ssvit/pretrain.py --data parquet:{args.out}")
     return summary

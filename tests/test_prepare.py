@@ -150,3 +150,27 @@ def test_impossible_settings_are_refused_before_the_source_is_read(tmp_path):
     with pytest.raises(UsageError, match=r"--max_side -5 .*--quality 150 .*--shard_mb 0.0 .*--workers 0 .*a_file \(a file: give a folder\)"):
         prepare_main(["imagefolder:/nonexistent", "--out", str(tmp_path / "a_file"), "--max_side", "-5", "--quality", "150",
                       "--shard_mb", "0", "--workers", "0"])  # fmt: skip
+
+
+def test_a_plain_parquet_source_with_other_column_names(tmp_path):
+    """Parquet written by other tools: JPEG bytes in a binary column, labels in an int column, neither named as
+    datasets names them. The error says which flag names them, and prepare has that flag."""
+    import pyarrow as pa
+
+    from ssvit.errors import UsageError
+
+    jpegs = []
+    for i in range(6):
+        jpeg = io.BytesIO()
+        Image.new("RGB", (80, 40), (100 * (i % 3), 0, 0)).save(jpeg, format="JPEG")  # red tells the label
+        jpegs.append(jpeg.getvalue())
+    pq.write_table(pa.table({"jpg": jpegs, "cls": [i % 3 for i in range(6)]}), tmp_path / "src.parquet", row_group_size=2)
+    source, out = f"parquet:{tmp_path / 'src.parquet'}", tmp_path / "out"
+    with pytest.raises(UsageError, match=r"No image column .* \['jpg', 'cls'\]\. Name it with --image_column"):
+        prepare_main([source, "--out", str(out)])
+    prepare_main([source, "--out", str(out), "--max_side", "20", "--image_column", "jpg", "--label_column", "cls"])
+    with pytest.raises(UsageError, match=r"label_column 'cls' -> None"):  # unlabeled now: not taken as done
+        prepare_main([source, "--out", str(out), "--max_side", "20", "--image_column", "jpg"])
+    ds = datasets.load_dataset("parquet", data_dir=str(out))["train"]
+    assert sorted(ds["label"]) == [0, 0, 1, 1, 2, 2] and ds[0]["image"].size == (40, 20)
+    assert all(abs(np.asarray(row["image"])[..., 0].mean() - 100 * row["label"]) < 20 for row in ds)  # labels stay with their images
