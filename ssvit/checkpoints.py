@@ -42,7 +42,7 @@ def _alive(pid: int) -> bool:
 
 
 @contextmanager
-def hold_folder(output_dir: Path, is_main: bool):
+def hold_folder(output_dir: Path, is_main: bool, flag: str = "--output_dir"):
     """Hold output_dir for this run: output_dir/run.lock names the owner's pid and host. A second run into the
     folder is refused; a lock left by a dead process of this host is taken over, with a message."""
     lock = output_dir / "run.lock"
@@ -60,8 +60,8 @@ def hold_folder(output_dir: Path, is_main: bool):
                 owner = json.loads(lock.read_text() or "{}")
                 if owner.get("host") != me["host"] or _alive(owner.get("pid", -1)):
                     raise UsageError(
-                        f"--output_dir {output_dir} is in use by another run (pid {owner.get('pid')} on {owner.get('host')}, "
-                        f"started {owner.get('started')}). Choose another --output_dir, or wait for that run to end "
+                        f"{flag} {output_dir} is in use by another run (pid {owner.get('pid')} on {owner.get('host')}, "
+                        f"started {owner.get('started')}). Choose another {flag}, or wait for that run to end "
                         f"(if it is gone for sure, delete {lock})."
                     ) from None
                 print(f"Taking over {output_dir}: the run that held it (pid {owner.get('pid')}) is no longer running.")
@@ -69,7 +69,7 @@ def hold_folder(output_dir: Path, is_main: bool):
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
     except OSError as e:
-        raise UsageError(f"--output_dir {output_dir} cannot be written ({e.strerror or e}): choose a folder you can write to.") from None
+        raise UsageError(f"{flag} {output_dir} cannot be written ({e.strerror or e}): choose a folder you can write to.") from None
     try:
         yield
     finally:

@@ -31,6 +31,7 @@ from typing import Optional
 
 from tqdm.auto import tqdm
 
+from ssvit.checkpoints import hold_folder
 from ssvit.errors import UsageError, command
 
 
@@ -183,35 +184,36 @@ def prepare(spec: str, out: str | Path, max_side: Optional[int] = None, shard_mb
                 "image_column": image_column, "label_column": label_column, "jpeg": "restart marker every MCU row"}  # fmt: skip
     found = sources(spec, image_column, label_column)
     key = fingerprint(spec, found, settings)
-    manifest = out / "prepare.json"
-    if manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") == key:
-        summary = json.loads(manifest.read_text())
-        print(f"{out} is already prepared from {spec} with these settings: nothing to do.")
+    with hold_folder(out, is_main=True, flag="--out"):  # a second prepare into the folder would delete this one's shards
+        manifest = out / "prepare.json"
+        if manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") == key:
+            summary = json.loads(manifest.read_text())
+            print(f"{out} is already prepared from {spec} with these settings: nothing to do.")
+            return summary
+        if manifest.exists():
+            saved = json.loads(manifest.read_text())
+            changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in {"source": spec, **settings}.items() if saved.get(k) != v]
+            raise UsageError(f"--out {out} was prepared from another source or with other settings (its prepare.json; "
+                             f"{', '.join(changed) or 'the same settings, other source files or an older ssvit'}): choose another folder, "
+                             f"or delete it to rebuild.")  # fmt: skip
+        ours = re.compile(r"(train|validation|test)-\d{5}-of-\d{5}\.parquet")
+        leftovers = list(out.glob("*.parquet"))
+        if any(not ours.fullmatch(p.name) for p in leftovers):
+            raise UsageError(f"--out {out} holds parquet files that ssvit.prepare did not write: choose an empty folder.")
+        for p in [*leftovers, *out.glob(".*.parquet.tmp")]:  # an interrupted run (no prepare.json yet): start again
+            p.unlink()
+        if leftovers:
+            print(f"{out}: an earlier run did not finish (no prepare.json); its {len(leftovers)} shards are rebuilt.")
+        refused, counts = [], {}
+        for split, (raw, labels, names) in found.items():
+            indices = np.random.default_rng(seed).permutation(len(raw))[:limit].tolist()
+            ordered = None if labels is None else [labels[i] for i in indices]
+            counts[split] = write_shards(split, raw, indices, ordered, names, out, (max_side, quality), int(shard_mb * 2**20),
+                                         workers or os.cpu_count() or 1, refused, quiet)  # fmt: skip
+        (out / "refused.txt").write_text("".join(f"{line}\n" for line in refused))
+        summary = {"source": spec, "fingerprint": key, **settings, "written": counts, "refused": len(refused)}
+        manifest.write_text(json.dumps(summary, indent=2) + "\n")  # last: its presence means the shards are complete
         return summary
-    if manifest.exists():
-        saved = json.loads(manifest.read_text())
-        changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in {"source": spec, **settings}.items() if saved.get(k) != v]
-        raise UsageError(f"--out {out} was prepared from another source or with other settings (its prepare.json; "
-                         f"{', '.join(changed) or 'the same settings, other source files or an older ssvit'}): choose another folder, "
-                         f"or delete it to rebuild.")  # fmt: skip
-    ours = re.compile(r"(train|validation|test)-\d{5}-of-\d{5}\.parquet")
-    leftovers = list(out.glob("*.parquet")) if out.exists() else []
-    if any(not ours.fullmatch(p.name) for p in leftovers):
-        raise UsageError(f"--out {out} holds parquet files that ssvit.prepare did not write: choose an empty folder.")
-    for p in [*leftovers, *out.glob(".*.parquet.tmp")]:  # an interrupted run (no prepare.json yet): start again
-        p.unlink()
-    if leftovers:
-        print(f"{out}: an earlier run did not finish (no prepare.json); its {len(leftovers)} shards are rebuilt.")
-    out.mkdir(parents=True, exist_ok=True)
-    refused, counts = [], {}
-    for split, (raw, labels, names) in found.items():
-        indices = np.random.default_rng(seed).permutation(len(raw))[:limit].tolist()
-        counts[split] = write_shards(split, raw, indices, labels and [labels[i] for i in indices], names, out, (max_side, quality),
-                                     int(shard_mb * 2**20), workers or os.cpu_count() or 1, refused, quiet)  # fmt: skip
-    (out / "refused.txt").write_text("".join(f"{line}\n" for line in refused))
-    summary = {"source": spec, "fingerprint": key, **settings, "written": counts, "refused": len(refused)}
-    manifest.write_text(json.dumps(summary, indent=2) + "\n")  # last: its presence means the shards are complete
-    return summary
 
 
 def run_command(argv=None) -> dict:

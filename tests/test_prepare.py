@@ -174,3 +174,19 @@ def test_a_plain_parquet_source_with_other_column_names(tmp_path):
     ds = datasets.load_dataset("parquet", data_dir=str(out))["train"]
     assert sorted(ds["label"]) == [0, 0, 1, 1, 2, 2] and ds[0]["image"].size == (40, 20)
     assert all(abs(np.asarray(row["image"])[..., 0].mean() - 100 * row["label"]) < 20 for row in ds)  # labels stay with their images
+
+
+def test_a_second_prepare_into_a_folder_in_use_is_refused(odd_folder, tmp_path):
+    import json
+    import os
+    import socket
+
+    from ssvit.errors import UsageError
+
+    out = tmp_path / "shards"
+    out.mkdir()
+    (out / ".train-00000.parquet.tmp").write_bytes(b"being written by the other run")
+    (out / "run.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "now"}))
+    with pytest.raises(UsageError, match=r"--out .* is in use by another run \(pid \d+"):
+        prepare_main([f"imagefolder:{odd_folder}", "--out", str(out), "--max_side", "32"])
+    assert (out / ".train-00000.parquet.tmp").exists()  # the other run's shard is left alone
