@@ -14,6 +14,7 @@ from torch import nn
 
 from objectives import register
 from objectives.base import Objective, StepOutput, mlp_tanh_head
+from ssvit.errors import UsageError
 
 
 @register("supervised")
@@ -29,6 +30,11 @@ class Supervised(Objective):
         """linear, or the paper's pretraining head: an MLP with one tanh hidden layer."""
         zero_init_head: bool = False
         """Zero-initialise the head's last layer (paper section 3.2: fine-tuning heads start at zero)."""
+
+    @classmethod
+    def check_options(cls, cfg, options: Options) -> None:
+        if not 0 <= options.label_smoothing < 1:
+            raise UsageError(f"--supervised.label_smoothing {options.label_smoothing}: must be in [0, 1) (e.g. 0.1).")
 
     def __init__(self, backbone: nn.Module, num_classes: int, options: Options):
         super().__init__(backbone, num_classes, options)

@@ -131,6 +131,127 @@ def resolve_resume(cfg: TrainConfig) -> Optional[Path]:
     return path
 
 
+RUN_FILES = ("config.yaml", "metrics.jsonl", "results.json", "best", "checkpoints", "figures", "logs")
+"""What a run writes in its --output_dir (besides run.lock): a fresh run refuses a folder holding any of the first
+five, and --overwrite_output_dir deletes all of them."""
+
+
+def claim_folder(cfg: TrainConfig, resume_from: Optional[Path], is_main: bool) -> None:
+    """A run writes only into a folder that holds nothing of another run (checked before anything is written):
+    a fresh run into a used --output_dir is refused unless --overwrite_output_dir, and a resume from a checkpoint
+    with later ones beside it (which it would replace) is refused."""
+    output_dir = Path(cfg.output_dir)
+    found = checkpoints_in(output_dir)
+    if resume_from is not None:
+        if resume_from.resolve().parent != (output_dir / "checkpoints").resolve():  # a branch into another folder
+            if any((output_dir / name).exists() for name in RUN_FILES[:5]):
+                raise UsageError(f"--output_dir {output_dir} holds another run: --resume {resume_from} continues into an "
+                                 f"empty --output_dir (or into its own run folder, {resume_from.parent.parent}).")  # fmt: skip
+            return
+        step = int(resume_from.name[5:]) if resume_from.name[5:].isdigit() else -1
+        later = [p for p in found if int(p.name[5:]) > step and not damaged(p)]
+        if later:
+            raise UsageError(f"--resume {resume_from}: later checkpoints of this run exist ({', '.join(p.name for p in later)}), "
+                             f"and continuing from an earlier one would replace them. Resume the newest (a bare --resume), "
+                             f"continue into another --output_dir (a new branch of the run), or move them aside.")  # fmt: skip
+        return
+    held = [name for name in RUN_FILES[:5] if (output_dir / name).exists() and (name != "checkpoints" or found)]
+    if not held:
+        return
+    if cfg.resume == "auto" and not found and not (output_dir / "results.json").exists():
+        return  # a study's run that stopped before its first checkpoint: it starts again
+    what = ", ".join(held) + (f" up to {found[-1].name}" if found else "")
+    if not cfg.overwrite_output_dir:
+        raise UsageError(f"--output_dir {output_dir} holds another run ({what}). Continue it with --resume, choose "
+                         f"another --output_dir, or pass --overwrite_output_dir to replace it.")  # fmt: skip
+    if is_main:
+        print(f"--overwrite_output_dir: replacing the run in {output_dir} ({what}).")
+        for name in RUN_FILES:
+            path = output_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+# Options that do not change what a run trains: a resume may change them and still repeat an uninterrupted run.
+RESUME_FREE = {"output_dir", "resume", "overwrite_output_dir", "allow_inexact_resume", "init", "logging_steps", "evals",
+               "eval_steps", "eval_batches", "fewshot_steps", "fewshot_representation", "save_steps", "save_total_limit",
+               "report_to", "cpu_threads", "dataloader_num_workers", "compile", "fused_attn", "fused_optimizer",
+               "channels_last"}  # fmt: skip
+
+
+def resume_changes(path: Path, run: RunConfig, world: int) -> list[str]:
+    """What would make a resume from `path` differ from the uninterrupted run: the settings that decide what is
+    trained, the number of processes, and RNG states the checkpoint lacks."""
+    import yaml
+
+    cfg, changes = run.train, []
+    if (path / "config.yaml").exists():
+        saved, now = yaml.safe_load((path / "config.yaml").read_text()), yaml.safe_load(run.dump())
+        import objectives
+
+        ignored = RESUME_FREE | (set(objectives.OBJECTIVES) - {cfg.objective})
+        changes += [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(saved.keys() | now.keys())
+                    if k not in ignored and saved.get(k) != now.get(k)]  # fmt: skip
+    states = sorted(path.glob("random_states_*.pkl"))
+    if len(states) > world:
+        changes.append(f"{len(states)} processes wrote it, this run has {world}")
+    missing = [f"random_states_{i}.pkl" for i in range(world) if not (path / f"random_states_{i}.pkl").exists()]
+    if missing:
+        changes.append(f"{', '.join(missing)} (the RNG state of corruption, dropout and augmentation) is missing")
+    return changes
+
+
+def check_resume(path: Path, run: RunConfig, world: int) -> None:
+    """A resume continues exactly, or is refused by name; --allow_inexact_resume continues and says so."""
+    problem = damaged(path)
+    if problem:
+        intact = next((p for p in reversed(checkpoints_in(path.parent.parent)) if p != path and not damaged(p)), None)
+        raise UsageError(f"--resume: {problem}. The newest intact checkpoint is "
+                         f"{f'{intact}: --resume {intact}' if intact else 'none: start the run again'}.")  # fmt: skip
+    changes = resume_changes(path, run, world)
+    if not changes:
+        return
+    if not run.train.allow_inexact_resume:
+        raise UsageError(f"--resume {path}: {'; '.join(changes)}. The run would not continue exactly. Resume with the "
+                         f"checkpoint's settings (its config.yaml), or pass --allow_inexact_resume to go on anyway.")  # fmt: skip
+    print(f"--allow_inexact_resume: resuming {path} with {'; '.join(changes)}. The run is no longer exact (it does not "
+          f"repeat an uninterrupted run); its config.yaml records the flag.")  # fmt: skip
+
+
+def damaged(path: Path) -> Optional[str]:
+    """Why a checkpoint folder cannot be resumed from (a file missing or cut short: a kill mid-copy, a full disk
+    outside ssvit), or None. The sizes written are in trainer_state.json; older checkpoints have their weights
+    file checked."""
+    from ssvit.models import safetensors_problem
+
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"{path}/trainer_state.json is damaged or missing ({type(e).__name__})"
+    for name, size in state.get("files", {}).items():
+        f = path / name
+        if not f.exists():
+            return f"{f} is damaged: missing"
+        if f.stat().st_size != size:
+            return f"{f} is damaged: {f.stat().st_size:,} bytes, {size:,} were written"
+    if "files" not in state and (path / "model.safetensors").exists():
+        problem = safetensors_problem(path / "model.safetensors")
+        return f"{path / 'model.safetensors'} is damaged: {problem[1]}" if problem else None
+    return None
+
+
+def finished_results(path: Optional[Path], cfg: TrainConfig) -> Optional[dict]:
+    """The results of the run a --resume names when it has already finished (its checkpoint is at --max_steps and
+    results.json is its), else None."""
+    if path is None:
+        return None
+    step = json.loads((path / "trainer_state.json").read_text())["step"]
+    results = Path(cfg.output_dir) / "results.json"
+    if step < cfg.max_steps or not results.exists():
+        return None
+    saved = json.loads(results.read_text())
+    return saved if saved.get("steps") == step else None
+
+
 def _state(module) -> dict:
     return {k: v.contiguous() for k, v in module.state_dict().items()}
 
@@ -144,16 +265,20 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, ema, 
     accelerator.wait_for_everyone()
     with _written(tmp, f"checkpoint step {step}", (checkpoints_in(output_dir) or [None])[-1]):
         accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # every process's RNG state is written
         if accelerator.is_main_process:
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "stream": stream}))
             (tmp / "config.yaml").write_text(run.dump())
             if ema is not None:
                 save_file(_state(ema.module), tmp / "ema.safetensors")
+            # The size of every file, written last: a resume tells a checkpoint cut short from a whole one (damaged).
+            files = {str(f.relative_to(tmp)): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "stream": stream, "files": files}))
     if accelerator.is_main_process:
-        if final.exists():
+        if final.exists():  # this run's own checkpoint of this step (claim_folder refuses to replace another's)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in checkpoints_in(output_dir)[:-keep]:
+        # Rotation removes this run's older checkpoints only: none later than this step is touched.
+        for old in [p for p in checkpoints_in(output_dir) if int(p.name[5:]) < step][: -(keep - 1) or None]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
@@ -181,7 +306,11 @@ def check_stream_plan(path: Path, stream: Optional[dict]) -> None:
 def load_checkpoint(accelerator: Accelerator, path: Path, model, ema, what: str) -> int:
     """Restore a checkpoint into the prepared model and optimizer (and the EMA); returns its step."""
     check_compatible(model.state_dict(), read_state_dict(path), str(path), what)
-    accelerator.load_state(str(path))  # model, optimizer, every process's RNG states
+    try:
+        accelerator.load_state(str(path))  # model, optimizer, every process's RNG states
+    except Exception as e:  # noqa: BLE001 - a checkpoint older than the size manifest, damaged in a file it reads
+        raise UsageError(f"--resume: {path} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}): a "
+                         f"file in it is damaged. Resume from an earlier checkpoint with --resume PATH.") from e  # fmt: skip
     if ema is not None:
         ema.module.load_state_dict(load_file(path / "ema.safetensors"))
     return json.loads((path / "trainer_state.json").read_text())["step"]

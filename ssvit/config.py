@@ -75,7 +75,11 @@ class TrainConfig:
     machine's cores divided among the local processes (persistent, prefetching; pinned memory on CUDA)."""
 
     output_dir: str = "runs/latest"
-    """Where checkpoints, logs, config.yaml and figures go."""
+    """Where checkpoints, logs, config.yaml and figures go. A folder that holds another run is refused (continue it
+    with --resume, or replace it with --overwrite_output_dir)."""
+    overwrite_output_dir: bool = False
+    """Start a new run in an --output_dir that holds another one, deleting that run's checkpoints, best weights,
+    metrics, results and figures first (Hugging Face Trainer's flag)."""
     max_steps: int = 300
     """Optimizer steps to train for."""
     batch_size: int = 128
@@ -105,6 +109,10 @@ class TrainConfig:
     seed: int = 0
     resume: Optional[str] = None
     """Resume: 'latest' (the newest checkpoint in output_dir; a bare --resume means this) or a checkpoint path."""
+    allow_inexact_resume: bool = False
+    """Resume even when the settings that decide what is trained (data, batch, schedule, model, objective options,
+    processes) differ from the checkpoint's, or its RNG states are missing: the run then no longer repeats an
+    uninterrupted one, and its config.yaml records this flag."""
 
     logging_steps: int = 10
     evals: list[str] = field(default_factory=lambda: ["val", "fewshot"])
@@ -153,7 +161,7 @@ def _flag_aliases(argv: list[str]) -> list[str]:
 
 def build_parser(defaults: Optional[dict] = None, prog: Optional[str] = None) -> ArgumentParser:
     # No abbreviations: --max_step must not silently mean --max_steps.
-    parser = ArgumentParser(prog=prog, description=__doc__.splitlines()[0], exit_on_error=True, allow_abbrev=False)
+    parser = ArgumentParser(prog=prog, description=__doc__.splitlines()[0], exit_on_error=False, allow_abbrev=False)
     parser.add_argument("--config", action=ActionConfigFile, help="A YAML preset, e.g. configs/cifar10_mpp_cpu.yaml")
     parser.add_class_arguments(TrainConfig, fail_untyped=True, sub_configs=True)
     for name, objective in objectives.OBJECTIVES.items():
@@ -173,12 +181,67 @@ class RunConfig:
     parser: ArgumentParser
 
     def dump(self) -> str:
-        return self.parser.dump(self.namespace, skip_unset=False)  # keep nulls: they differ from defaults
+        # Keep nulls (they differ from defaults); never --overwrite_output_dir: `--config runs/x/config.yaml`
+        # repeats a run, and must not delete the very run it repeats.
+        return self.parser.dump(self.namespace.clone().update(False, "overwrite_output_dir"), skip_unset=False)
+
+
+def _known_keys() -> dict[str, set]:
+    """The keys a config file may hold: TrainConfig's fields, and each objective's options under its name."""
+    keys = {f.name: set() for f in dataclasses.fields(TrainConfig)}
+    return keys | {name: {f.name for f in dataclasses.fields(o.Options)} for name, o in objectives.OBJECTIVES.items()}
+
+
+def _unknown(key: str, known, path: str) -> UsageError:
+    import difflib
+
+    close = difflib.get_close_matches(key.rpartition(".")[2], list(known), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return UsageError(f"--config {path}: unknown key {key!r}{hint}. `--help` lists the options.")
+
+
+def check_config_file(path: str) -> None:
+    """A --config file is readable YAML whose keys are options: refused naming the file, line and key (the parser's
+    own messages name '<unicode string>' and print its 50-line usage first)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--config {path}: no such file{' (a folder)' if p.is_dir() else ''}. Give a YAML file such as "
+                         f"configs/quickstart.yaml or a run's config.yaml.")  # fmt: skip
+    try:
+        values = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "context_mark", None) or getattr(e, "problem_mark", None)
+        what = ", ".join(x for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+        raise UsageError(f"--config {path}: not valid YAML{f' at line {mark.line + 1}' if mark else ''}: {what}.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--config {path}: cannot be read ({e}).") from None
+    if values is None:
+        return
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path}: expected `option: value` lines, found a {type(values).__name__}.")
+    known = _known_keys()
+    for key, value in values.items():
+        if key not in known:
+            raise _unknown(str(key), known, path)
+        if known[key] and isinstance(value, dict):
+            for sub in value:
+                if sub not in known[key]:
+                    raise _unknown(f"{key}.{sub}", known[key], path)
 
 
 def parse(argv: Optional[list[str]] = None, defaults: Optional[dict] = None, prog: Optional[str] = None) -> RunConfig:
+    from argparse import ArgumentError
+
+    argv = _flag_aliases(sys.argv[1:] if argv is None else list(argv))
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv) or arg.startswith("--config="):
+            check_config_file(arg.partition("=")[2] or argv[i + 1])
     parser = build_parser(defaults, prog)
-    ns = parser.parse_args(_flag_aliases(sys.argv[1:] if argv is None else list(argv)))
+    try:
+        ns = parser.parse_args(argv)
+    except ArgumentError as e:  # one line, not the usage text first
+        message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise UsageError(f"{message}. `{prog or 'ssvit-pretrain'} --help` lists the options.") from None
     if ns.model_kwargs is None:  # defaults that belong to one architecture apply to it only
         ns.model_kwargs = dict(DEFAULT_MODEL_KWARGS.get(ns.model, {}))
     ns.model_kwargs = {**ns.model_kwargs, **pooling_for_init(ns.init, ns.objective, ns.model_kwargs)}
@@ -211,21 +274,43 @@ def pooling_for_init(init: Optional[str], objective: str, model_kwargs: dict) ->
     return pooling_for((saved_config(init) or {}).get("objective"), model_kwargs)
 
 
+def _ranges(cfg: TrainConfig) -> list[tuple[str, object, bool, str]]:
+    """(flag, value, within range, the range in words) for every numeric option of TrainConfig."""
+    unit = lambda v, closed_hi=False: v is None or 0 < v < 1 or (closed_hi and v == 1)  # noqa: E731
+    lo, hi = cfg.crop_scale
+    return [
+        *[(f"--{name}", getattr(cfg, name), getattr(cfg, name) >= 1, "a positive whole number") for name in
+          ("max_steps", "batch_size", "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_steps",
+           "save_total_limit", "img_size")],  # fmt: skip
+        *[(f"--{name}", getattr(cfg, name), getattr(cfg, name) is None or getattr(cfg, name) >= 1, "a positive whole number, or null")
+          for name in ("samples_per_class", "eval_batches", "cpu_threads", "lr_base_batch_size")],  # fmt: skip
+        ("--shuffle_buffer", cfg.shuffle_buffer, cfg.shuffle_buffer >= 1, "1 or more (images)"),
+        ("--dataloader_num_workers", cfg.dataloader_num_workers, cfg.dataloader_num_workers is None or cfg.dataloader_num_workers >= 0,
+         "0 (load in the training process) or more"),
+        ("--fewshot_steps", cfg.fewshot_steps, cfg.fewshot_steps is None or cfg.fewshot_steps >= 0, "0 (never), a number of steps, or null (at the end only)"),
+        ("--lr", cfg.lr, cfg.lr > 0, "the peak learning rate must be positive"),
+        ("--warmup_steps", cfg.warmup_steps, cfg.warmup_steps >= 0, "0 or more"),
+        ("--weight_decay", cfg.weight_decay, cfg.weight_decay >= 0, "0 or more"),
+        ("--max_grad_norm", cfg.max_grad_norm, cfg.max_grad_norm is None or cfg.max_grad_norm > 0, "above 0, or null to disable clipping"),
+        ("--val_fraction", cfg.val_fraction, unit(cfg.val_fraction), "must be a fraction between 0 and 1"),
+        ("--test_fraction", cfg.test_fraction, unit(cfg.test_fraction), "must be a fraction between 0 and 1"),
+        ("--label_fraction", cfg.label_fraction, unit(cfg.label_fraction, closed_hi=True), "must be a fraction between 0 and 1"),
+        ("--crop_scale", list(cfg.crop_scale), 0 < lo <= hi <= 1, "[min, max] with 0 < min <= max <= 1 (shares of the image area)"),
+        ("--ema_decay", cfg.ema_decay, unit(cfg.ema_decay), "between 0 and 1 (e.g. 0.9999), or null for none"),
+        ("--layer_decay", cfg.layer_decay, unit(cfg.layer_decay, closed_hi=True), "in (0, 1] (e.g. 0.75), or null for none"),
+        ("--momentum", cfg.momentum, 0 <= cfg.momentum < 1, "in [0, 1)"),
+        ("--adam_beta1", cfg.adam_beta1, 0 <= cfg.adam_beta1 < 1, "in [0, 1)"),
+        ("--adam_beta2", cfg.adam_beta2, 0 <= cfg.adam_beta2 < 1, "in [0, 1)"),
+    ]
+
+
 def check(cfg: TrainConfig) -> None:
     """Refuse a bad configuration at start-up, before any data is read or model built, naming every problem."""
-    problems = []
-    for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_steps",
-                 "save_total_limit", "img_size"):  # fmt: skip
-        if getattr(cfg, name) < 1:
-            problems.append(f"--{name} {getattr(cfg, name)}: must be a positive whole number.")
-    if not cfg.lr > 0:
-        problems.append(f"--lr {cfg.lr}: the peak learning rate must be positive.")
-    for name in ("val_fraction", "test_fraction", "label_fraction"):
-        value = getattr(cfg, name)
-        if value is not None and not 0 < value < (1 if name != "label_fraction" else 1 + 1e-9):
-            problems.append(f"--{name} {value}: must be a fraction between 0 and 1.")
-    if cfg.warmup_steps < 0 or cfg.weight_decay < 0 or (cfg.max_grad_norm is not None and cfg.max_grad_norm <= 0):
-        problems.append("--warmup_steps and --weight_decay must be >= 0 and --max_grad_norm > 0 (or null to disable clipping).")
+    problems = [f"{flag} {value}: {rule}." if rule.startswith("must") or rule.startswith("the") else f"{flag} {value}: must be {rule}."
+                for flag, value, ok, rule in _ranges(cfg) if not ok]  # fmt: skip
+    kind, colon, path = cfg.data.partition(":")
+    if kind in ("parquet", "imagefolder") and not path:
+        problems.append(f"--data {cfg.data}: {kind} needs a path, e.g. --data {kind}:/data/{'shards' if kind == 'parquet' else 'images'}.")
     if problems:
         raise UsageError("\n".join(problems))
 

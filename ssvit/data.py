@@ -103,13 +103,40 @@ SPLIT_PREFIXES = {"train": ("train",), "validation": ("validation", "valid", "va
 
 
 def _split_files(folder: Path, suffix: str) -> dict[str, list[str]]:
-    """Files of each split in the hub layout (train-00000-of-00002.parquet, validation*.parquet, test*...)."""
+    """Files of each split in the hub layout (train-00000-of-00002.parquet, validation*.parquet, test*...), at the
+    top of the folder only: a copy kept in a subfolder (a backup/, an older prepare) is never taken in."""
     files = {}
     for split, prefixes in SPLIT_PREFIXES.items():
-        found = {str(f) for prefix in prefixes for f in folder.rglob(f"{prefix}*{suffix}")}
+        found = {str(f) for prefix in prefixes for f in folder.glob(f"{prefix}*{suffix}") if f.is_file()}
         found -= {f for other in files.values() for f in other}  # "val*" also matches validation files
         if found:
             files[split] = sorted(found)
+    return files
+
+
+def parquet_files(spec: str) -> dict[str, list[str]]:
+    """The parquet files of --data parquet:PATH by split: a file or a glob (all train), or a folder in the hub layout
+    (train-*.parquet, validation-*, test-* at its top or in its data/ folder; parquet files there not named by split
+    are all train). Never a recursive search. Used by map-style and streamed data alike."""
+    from glob import glob
+
+    path = spec.partition(":")[2]
+    p = Path(path)
+    if any(ch in path for ch in "*?["):
+        return {"train": sorted(glob(path))}
+    if p.is_file():
+        return {"train": [path]}
+    if not p.is_dir():
+        raise FileNotFoundError(f"--data {spec}: {p} does not exist. Give a parquet file or a folder in the hub layout.")
+    for folder in (p, p / "data"):
+        files = _split_files(folder, ".parquet") if folder.is_dir() else {}
+        unnamed = sorted(str(f) for f in folder.glob("*.parquet") if f.is_file()) if folder.is_dir() else []
+        files = files or ({"train": unnamed} if unnamed else {})  # parquet files not named by split: all train
+        if files:
+            break
+    if not files.get("train"):
+        raise FileNotFoundError(f"--data {spec}: no train*.parquet file at the top of {p} or in {p / 'data'} (hub layout "
+                                f"expected: train-*.parquet, optionally validation-*.parquet and test-*.parquet).")  # fmt: skip
     return files
 
 
@@ -120,18 +147,7 @@ def _load_hf(spec: str):
     kind, _, path = spec.partition(":")
     p = Path(path)
     if kind == "parquet":
-        if p.is_dir():
-            files = _split_files(p, ".parquet")
-            if not files:  # a folder of parquet files not named by split: all of them are train
-                files = {"train": sorted(str(f) for f in p.rglob("*.parquet"))} if any(p.rglob("*.parquet")) else {}
-            if "train" not in files:
-                raise FileNotFoundError(f"--data {spec}: no train*.parquet file under {p} (hub layout expected: train-*.parquet, "
-                                        f"optionally validation-*.parquet and test-*.parquet)")  # fmt: skip
-        elif p.is_file() or any(ch in path for ch in "*?["):
-            files = {"train": path}
-        else:
-            raise FileNotFoundError(f"--data {spec}: {p} does not exist. Give a parquet file or a folder in the hub layout.")
-        return datasets.load_dataset("parquet", data_files=files)
+        return datasets.load_dataset("parquet", data_files=parquet_files(spec))
     if kind == "imagefolder":
         if not p.is_dir():
             raise FileNotFoundError(f"--data {spec}: {path} is not a folder (expected DIR/<class>/<image>, or images in DIR).")
@@ -200,13 +216,30 @@ def _decode_all(ds, image_column: str, size: int, name: str) -> torch.Tensor:
     raw = ds.cast_column(image_column, datasets.Image(decode=False))
     for i, item in enumerate(tqdm(raw, desc=f"decoding {name} once", unit="img", mininterval=2)):
         try:
-            img = Image.open(_image_source(item[image_column])).convert("RGB")
+            img = to_rgb(Image.open(_image_source(item[image_column])))
         except Exception as e:
             where = item[image_column].get("path") or f"row {i}"
             raise UsageError(f"Could not decode the image at {where} of {name}: {e}. Remove or fix the file.") from e
         t = v2.functional.pil_to_tensor(img)
         out[i] = t if t.shape[-2:] == (size, size) else resize(t)
     return out
+
+
+def to_rgb(img):
+    """A PIL image in 8-bit RGB. PIL's convert("RGB") clips 16-bit and 32-bit greyscale (modes I;16, I, as 16-bit
+    PNG and TIFF open) to 255, i.e. white: their values are scaled to 8 bits first (16-bit data in mode I, as
+    older Pillow reads 16-bit PNG, when every value fits in 16 bits), and float images (mode F) from [0, 1]."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16") or img.mode == "I":
+        a = np.asarray(img).astype(np.int64)
+        bits = 16 if img.mode.startswith("I;16") or (a.min() >= 0 and a.max() < 2**16) else 32
+        shifted = (a >> (bits - 8)) if bits == 16 else ((a - a.min()) * 255 // max(int(a.max() - a.min()), 1))
+        img = Image.fromarray(shifted.clip(0, 255).astype(np.uint8))
+    elif img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray((a * (255 if a.max() <= 1 else 1)).round().clip(0, 255).astype(np.uint8))
+    return img.convert("RGB")
 
 
 def _image_source(value: dict):
@@ -423,7 +456,7 @@ def _pil_decode(data: bytes) -> torch.Tensor:
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as img:
-        return torch.from_numpy(np.array(img.convert("RGB")))
+        return torch.from_numpy(np.array(to_rgb(img)))
 
 
 class ImageDataset(Dataset):

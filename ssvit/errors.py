@@ -19,21 +19,50 @@ class PeerLostError(RuntimeError):
     """Another process of a multi-process run stopped (a host died, a process was killed): this one cannot go on."""
 
 
+class Interrupted(Exception):
+    """A run stopped by a signal (SIGTERM from a scheduler, Ctrl-C) after writing a checkpoint: the message names it
+    and the command that resumes; the command exits with 128 + the signal's number, as a shell reports a signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 # What the commands print as one line instead of a traceback: our own messages, written for the user.
 USER_ERRORS = (UsageError, NonFiniteLossError, PeerLostError, FileNotFoundError, FileExistsError, ConnectionError, PermissionError)
 
 
+def user_message(e: BaseException) -> str:
+    """The message written for the user. An error raised in a DataLoader worker reaches the main process as the same
+    type with the worker's whole traceback in its message (torch's ExceptionWrapper): keep only what was raised."""
+    text = str(e)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        marker = f"{type(e).__qualname__}: "
+        text = text[text.rfind(marker) + len(marker):] if marker in text else text
+    return text.strip()
+
+
 @contextmanager
 def user_errors(prog: str, cli: bool):
-    """As a command (cli=True), turn a user error into `prog: error: message` and exit status 2; called from
-    Python (tests, notebooks), let it propagate."""
+    """As a command (cli=True), turn a user error into `prog: error: message` and exit status 2, and a run stopped
+    by a signal into its one line and 128 + the signal; called from Python (tests, notebooks), let them propagate."""
     try:
         yield
     except USER_ERRORS as e:
         if not cli:
             raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {user_message(e)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Interrupted as e:
+        if not cli:
+            raise
+        print(f"{prog}: {e}", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
+    except KeyboardInterrupt:  # Ctrl-C before the run's own handler is installed (imports, parsing)
+        if not cli:
+            raise
+        print(f"{prog}: interrupted before training started; nothing was written.", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def command(prog: str):

@@ -12,14 +12,15 @@ When the run kept EMA weights, those are exported (--no-ema for the raw weights)
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from ssvit.config import saved_train_config
-from ssvit.errors import UsageError
-from ssvit.models import build_timm_model
+from ssvit.errors import UsageError, command
+from ssvit.models import build_timm_model, checkpoint_folder
 
 
 def export_onnx(model, size: int, path: Path, output_name: str) -> Path:
@@ -35,25 +36,48 @@ def export_onnx(model, size: int, path: Path, output_name: str) -> Path:
     return path
 
 
+def check_out(checkpoint, out: Path, overwrite: bool) -> None:
+    """--out must not be, hold or lie inside the checkpoint (a replaced --out is deleted), and an existing one is
+    replaced only with --overwrite."""
+    src, dst = checkpoint_folder(checkpoint).resolve(), out.resolve()
+    where = ("is the checkpoint" if dst == src else "holds the checkpoint" if dst in src.parents
+             else "lies inside the checkpoint" if src in dst.parents else None)  # fmt: skip
+    if where:
+        raise UsageError(f"--out {out} {where} {checkpoint}: exporting there would replace what it reads. Choose a "
+                         f"folder outside it, e.g. --out {src.parent.parent.parent / 'exported'}.")  # fmt: skip
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file: give a folder.")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --overwrite.")
+
+
 def export(checkpoint, out, with_head=False, use_ema=True, overwrite=False, push_to_hub=None, onnx=False) -> Path:
+    """Write the timm folder next to --out first and put it in place last: a failed export leaves an existing
+    --out as it was."""
     import timm.models
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --overwrite.")
-        shutil.rmtree(out)
+    check_out(checkpoint, out, overwrite)
     model, model_args = build_timm_model(checkpoint, with_head, use_ema)
-    timm.models.save_for_hf(model, str(out), model_args=model_args, safe_serialization=True)
-    if onnx:
-        size = saved_train_config(checkpoint).img_size  # the resolution the run trained at (BiT takes any)
-        export_onnx(model, size, out / "model.onnx", "logits" if with_head else "features")
+    tmp = out.with_name(f".{out.name}.exporting")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        timm.models.save_for_hf(model, str(tmp), model_args=model_args, safe_serialization=True)
+        if onnx:
+            size = saved_train_config(checkpoint).img_size  # the resolution the run trained at (BiT takes any)
+            export_onnx(model, size, tmp / "model.onnx", "logits" if with_head else "features")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
     if push_to_hub:
         timm.models.push_to_hf_hub(model, push_to_hub, model_args=model_args)
     return out
 
 
-def main(argv=None) -> Path:
+def run_command(argv=None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="an ssvit checkpoint folder (runs/<name>/checkpoints/step_NNNNNN)")
     p.add_argument("--out", required=True, help="folder to write (timm local-dir layout)")
@@ -63,12 +87,12 @@ def main(argv=None) -> Path:
     p.add_argument("--push-to-hub", "--push_to_hub", metavar="REPO_ID", help="also upload through huggingface_hub")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx with a dynamic batch axis (the onnx extra)")
     args = p.parse_args(argv)
-    try:
-        out = export(args.checkpoint, args.out, args.with_head, not args.no_ema, args.overwrite, args.push_to_hub, args.onnx)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:  # UsageError is a ValueError
-        raise SystemExit(f"ssvit.export: {e}") from None
+    out = export(args.checkpoint, args.out, args.with_head, not args.no_ema, args.overwrite, args.push_to_hub, args.onnx)
     print(f"Exported to {out}. Load it with: timm.create_model('local-dir:{out}', pretrained=True)")
     return out
+
+
+main = command("ssvit-export")(run_command)
 
 
 if __name__ == "__main__":

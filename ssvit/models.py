@@ -64,6 +64,32 @@ def describe(model: nn.Module) -> str:
     return f"{type(model).__name__}, {params / 1e6:.2f}M parameters"
 
 
+def safetensors_problem(path: Path) -> Optional[tuple[str, str]]:
+    """("damaged", why) for a safetensors file cut short or with a broken header, ("not safetensors", why) for
+    another format, None when its header and size agree (the tensors' bytes are not read)."""
+    import json
+
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= 100 * 2**20:
+            return "not safetensors", "it does not start with a safetensors header"
+        header = f.read(n)
+    if not header.lstrip().startswith(b"{"):
+        return "not safetensors", "it does not start with a safetensors header"
+    if len(header) < n:
+        return "damaged", f"cut short: {size:,} bytes, its header alone has {8 + n:,}"
+    try:
+        meta = json.loads(header)
+        end = max([v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"] or [0])
+    except (ValueError, KeyError, TypeError, IndexError):
+        return "damaged", "its header is not valid"
+    if 8 + n + end != size:
+        return "damaged", f"{'cut short' if 8 + n + end > size else 'longer than its header says'}: {size:,} bytes, {8 + n + end:,} expected"
+    return None
+
+
 def read_state_dict(path: str | Path, header_only: bool = False) -> dict[str, torch.Tensor]:
     """Weights from an ssvit checkpoint folder, an exported backbone folder, or a .safetensors file.
     Never unpickles: safetensors only. header_only: check that the file is readable, load nothing."""
@@ -78,6 +104,9 @@ def read_state_dict(path: str | Path, header_only: bool = False) -> dict[str, to
         p = found
     if not p.exists():
         raise FileNotFoundError(f"Checkpoint {p} does not exist.")
+    problem = safetensors_problem(p)
+    if problem and problem[0] == "damaged":
+        raise UsageError(f"{p} is damaged ({problem[1]}): copy it again, or use an earlier checkpoint.")
     try:
         if header_only:
             with safe_open(p, "pt"):

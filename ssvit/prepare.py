@@ -39,15 +39,17 @@ def encode(source, max_side: Optional[int], quality: int) -> tuple[Optional[byte
     """(JPEG or original bytes, '') for a readable image, (None, reason) otherwise. `source` is a path or bytes."""
     from PIL import Image
 
+    from ssvit.data import to_rgb
+
     try:
         raw = source if isinstance(source, bytes) else Path(source).read_bytes()
         with Image.open(io.BytesIO(raw)) as img:
             if max_side is None and img.format == "JPEG" and img.mode == "RGB":
-                img.verify()  # a good RGB JPEG is kept as it is, byte for byte
-                return raw, ""
+                img.load()  # decoded whole: a truncated file is refused here (verify() reads no scan data), not in training
+                return raw, ""  # a good RGB JPEG is kept as it is, byte for byte
             if max_side is not None and img.format == "JPEG":
                 img.draft("RGB", (max_side, max_side))  # libjpeg's DCT scaling: decode at 1/2, 1/4, 1/8 when it can
-            img = img.convert("RGB")
+            img = to_rgb(img)
             if max_side is not None and min(img.size) > max_side:
                 scale = max_side / min(img.size)
                 img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
@@ -62,6 +64,20 @@ def encode(source, max_side: Optional[int], quality: int) -> tuple[Optional[byte
 def _encode_chunk(jobs: list) -> list:
     """(path or None, data, reason) for each (image, max_side, quality): the path names a refused file."""
     return [(job[0] if isinstance(job[0], str) else None, *encode(*job)) for job in jobs]
+
+
+def _exit_with(parent: int) -> None:
+    """Worker initializer: end this worker when prepare is gone. A SIGKILLed parent sends no word, and a forked worker
+    holds the task pipe's write end itself, so it would wait on the pipe forever."""
+    import threading
+    import time
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _ordered_map(pool, fn, items, window: int):
@@ -143,7 +159,7 @@ def write_shards(split: str, raw, indices: list[int], labels: Optional[list[int]
 
     jobs = ((image, *encoding) for image in images(raw, indices))
     chunks = iter(lambda: list(itertools.islice(jobs, 16)), [])  # 16 images per task: less pickling overhead
-    with ProcessPoolExecutor(workers) as pool:
+    with ProcessPoolExecutor(workers, initializer=_exit_with, initargs=(os.getpid(),)) as pool:
         results = itertools.chain.from_iterable(_ordered_map(pool, _encode_chunk, chunks, window=4 * workers))
         pairs = zip(indices, labels or itertools.repeat(None), results)
         for index, label, (path, data, reason) in tqdm(pairs, total=len(indices), desc=f"prepare {split}", unit="img", disable=quiet):

@@ -22,6 +22,7 @@ import json
 import math
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -293,11 +294,9 @@ def _labels(groups: RowGroups, label_column: Optional[str]) -> Optional[np.ndarr
 
 def streaming_splits(cfg, rank: int, world: int, micro_batch: int):
     """Splits for --streaming from --data parquet:PATH (a file, a glob or a folder in the hub layout)."""
-    from glob import glob
-    from pathlib import Path
     from types import SimpleNamespace
 
-    from ssvit.data import SPLIT_PREFIXES, Splits, _columns, _split_files, augmentation
+    from ssvit.data import SPLIT_PREFIXES, Splits, _columns, augmentation, parquet_files
 
     kind, _, path = cfg.data.partition(":")
     if kind != "parquet":
@@ -306,11 +305,7 @@ def streaming_splits(cfg, rank: int, world: int, micro_batch: int):
     if cfg.label_fraction is not None or cfg.samples_per_class is not None:
         raise UsageError("--label_fraction / --samples_per_class draw a subset of a data set in memory: train on "
                          "them without --streaming.")  # fmt: skip
-    p = Path(path)
-    if p.is_dir():
-        files = _split_files(p, ".parquet") or {"train": sorted(str(f) for f in p.rglob("*.parquet"))}
-    else:
-        files = {"train": sorted(glob(path)) if any(ch in path for ch in "*?[") else ([path] if p.is_file() else [])}
+    files = parquet_files(cfg.data)
     if not files.get("train"):
         raise FileNotFoundError(f"--data {cfg.data}: no parquet training files at {path} (a file, a glob, or a folder "
                                 f"with train-*.parquet).")  # fmt: skip

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,8 +31,11 @@ from tqdm.auto import tqdm
 
 import objectives
 from ssvit.checkpoints import (
+    check_resume,
     check_stream_plan,
     checkpoints_in,
+    claim_folder,
+    finished_results,
     hold_folder,
     load_checkpoint,
     read_best,
@@ -40,7 +46,7 @@ from ssvit.checkpoints import (
 )
 from ssvit.config import RunConfig, TrainConfig, check_paths
 from ssvit.data import EpochSampler, Splits, load_splits
-from ssvit.errors import NonFiniteLossError, PeerLostError, UsageError
+from ssvit.errors import Interrupted, NonFiniteLossError, PeerLostError, UsageError
 from ssvit import evals
 from ssvit.evals import EVALUATORS
 from ssvit.models import create_backbone, describe, load_init, set_fused_attention
@@ -214,12 +220,11 @@ class State:
         return Path(self.cfg.output_dir)
 
 
-def setup(run: RunConfig, accelerator: Accelerator) -> State:
+def setup(run: RunConfig, accelerator: Accelerator, resume_from: Optional[Path] = None) -> State:
     """Everything the loop needs. Nothing in the run folder changes until the run is known to start (data
     loaded, model built, a --resume checkpoint found compatible); then config.yaml is written."""
     cfg, output_dir = run.train, Path(run.train.output_dir)
     world, accum = accelerator.num_processes, cfg.gradient_accumulation_steps
-    resume_from = resolve_resume(cfg)
     set_seed(cfg.seed)  # the same initial weights on every process
     micro_batch = cfg.batch_size // (world * accum)
     with accelerator.main_process_first():
@@ -263,7 +268,8 @@ def setup(run: RunConfig, accelerator: Accelerator) -> State:
     state = State(run, accelerator, splits, model, unwrapped, optimizer, make_scheduler(optimizer, cfg), loader, sampler,
                   steps_per_epoch, val_loader, (test_loader or [None])[0], ema, last_checkpoint=resume_from)  # fmt: skip
     if resume_from is not None:
-        check_stream_plan(resume_from, stream_plan(state))
+        if not cfg.allow_inexact_resume:
+            check_stream_plan(resume_from, stream_plan(state))
         state.step = state.start_step = load_checkpoint(accelerator, resume_from, unwrapped, ema, f"this {cfg.objective} run")
         state.scheduler.step_update(state.step)
         state.best = read_best(output_dir)
@@ -288,6 +294,15 @@ def stream_plan(state: State) -> Optional[dict]:
     return state.sampler.plan() if isinstance(state.sampler, StreamingImages) else None
 
 
+def _worker_signals(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C (SIGINT, sent to the terminal's whole process group) to the training process,
+    which finishes its step and checkpoints. On SIGTERM (a scheduler's, or the loader ending them) a worker exits
+    with status 0: torch would raise "worker killed by signal" in the training process, in the middle of its
+    checkpoint."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+
 def loader_workers(cfg: TrainConfig, splits: Splits) -> dict:
     """DataLoader worker settings: --dataloader_num_workers, or one for cached data (it only crops and flips, off
     the training thread: the loop waited 2% of its time for it in the main process, README Performance) and the
@@ -301,7 +316,8 @@ def loader_workers(cfg: TrainConfig, splits: Splits) -> dict:
         n = 1 if isinstance(splits.train, TensorImages) else max(1, (os.cpu_count() or 1) // local)
     settings = {"num_workers": n, "collate_fn": collate}
     if n:
-        settings.update(persistent_workers=True, prefetch_factor=4, pin_memory=torch.cuda.is_available())
+        settings.update(persistent_workers=True, prefetch_factor=4, pin_memory=torch.cuda.is_available(),
+                        worker_init_fn=_worker_signals)  # fmt: skip
     return settings
 
 
@@ -366,8 +382,65 @@ def check_savable(state: State, images: torch.Tensor, labels: torch.Tensor) -> N
         )
 
 
-def loop(state: State) -> None:
+class StopSignals:
+    """SIGTERM (what SLURM and Kubernetes send before they kill) and SIGINT (Ctrl-C) ask the loop to stop after the
+    current step with a checkpoint; a second one ends the process at once. Installed for the length of a run."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum: int, frame) -> None:
+        if self.received is not None:  # the second: at once, as if no handler were installed
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.received = signum
+        print(f"\n{signal.Signals(signum).name} received: finishing the current step and writing a checkpoint "
+              f"(send it again to stop at once).", file=sys.stderr, flush=True)  # fmt: skip
+
+    def requested(self, accelerator: Accelerator) -> Optional[int]:
+        """The signal any process received (every process stops at the same step), or None."""
+        received = self.received or 0
+        if accelerator.num_processes > 1:
+            received = int(accelerator.reduce(torch.tensor([received], device=accelerator.device), reduction="max"))
+        return received or None
+
+
+def resume_command(state: State) -> str:
+    script = "finetune" if state.cfg.init and Path(sys.argv[0]).stem == "finetune" else "pretrain"
+    return f"accelerate launch ssvit/{script}.py --config {state.output_dir / 'config.yaml'} --resume"
+
+
+def stop_here(state: State, signum: int, images: Optional[torch.Tensor], labels: Optional[torch.Tensor]) -> None:
+    """Checkpoint the step just finished (unless it was just written) and raise Interrupted with the way back."""
+    name = signal.Signals(signum).name
+    if state.step == state.start_step:
+        raise Interrupted(f"stopped by {name} before the first step: nothing was trained or written. Run the same "
+                          f"command again.", signum)  # fmt: skip
+    latest = state.output_dir / "checkpoints" / f"step_{state.step:06d}"
+    if state.last_checkpoint != latest:
+        check_savable(state, images, labels)
+        state.last_checkpoint = save_checkpoint(state.accelerator, state.output_dir, state.step, state.ema, state.run,
+                                                state.cfg.save_total_limit, stream_plan(state))  # fmt: skip
+    raise Interrupted(f"stopped by {name} at step {state.step}: checkpoint {state.last_checkpoint}. Resume with: "
+                      f"{resume_command(state)}", signum)  # fmt: skip
+
+
+def loop(state: State, stop: Optional[StopSignals] = None) -> None:
     cfg, accelerator, accum = state.cfg, state.accelerator, state.cfg.gradient_accumulation_steps
+    stop = stop or StopSignals()
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     first_bad = torch.full((), -1, device=accelerator.device)  # first step with a non-finite loss, kept on device
 
@@ -380,52 +453,60 @@ def loop(state: State) -> None:
                 f"keep --max_grad_norm set, or use --mixed_precision bf16 instead of fp16; then --resume."
             )
 
-    bar = tqdm(total=cfg.max_steps, initial=state.step, desc=cfg.objective, disable=not accelerator.is_local_main_process)
-    state.model.train()
-    window = Window()
-    while state.step < cfg.max_steps:
-        epoch, offset = divmod(state.step, state.steps_per_epoch)
-        if cfg.streaming:  # the stream fast-forwards itself, without reading what it skips
-            state.sampler.set_position(epoch, offset * accum)
-            batches = streamed(state)
-        else:
-            state.sampler.set_epoch(epoch)
-            batches = iter(accelerator.skip_first_batches(state.loader, offset * accum) if offset else state.loader)
-        for _ in range((state.steps_per_epoch - offset) * accum):
-            tick = time.perf_counter()
-            batch = next(batches)
-            window.data_wait += time.perf_counter() - tick
-            state.images_seen += len(batch["image"])
-            images = batch["image"].float().div_(255).contiguous(memory_format=memory_format)
-            out = train_step(accelerator, state.model, state.optimizer, images, batch["label"], cfg.max_grad_norm)
-            state.unwrapped.on_train_step(out)
-            loss = out.loss.detach()
-            window.add({"loss": loss, **out.logs})
-            first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), state.step + 1, first_bad)
-            if not accelerator.sync_gradients:
-                continue
-            state.step += 1
-            state.scheduler.step_update(state.step)
-            if state.ema is not None:
-                state.ema.update(state.unwrapped, step=state.step)
-            bar.update(1)
-            last = state.step == cfg.max_steps
-            if state.step % cfg.logging_steps == 0 or last:
-                check_finite()
-                logs = log_window(state, window)
-                bar.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.2e}", img_s=f"{logs['train/images_per_s']:.0f}")
-            paused = evaluate(state)
-            if state.step % cfg.save_steps == 0 or last:
-                check_finite()
-                check_savable(state, images, batch["label"])  # never write a checkpoint with non-finite weights
-                state.last_checkpoint = save_checkpoint(accelerator, state.output_dir, state.step, state.ema, state.run,
-                                                        cfg.save_total_limit, stream_plan(state))  # fmt: skip
-                paused = True
-            if paused:
-                window.start = time.perf_counter()  # evaluation and checkpoint time is not training throughput
-            if last:
-                break
-    bar.close()
+    with tqdm(total=cfg.max_steps, initial=state.step, desc=cfg.objective, disable=not accelerator.is_local_main_process) as bar:
+        state.model.train()
+        window, images, labels = Window(), None, None
+        if state.step < cfg.max_steps and (signum := stop.requested(accelerator)):
+            stop_here(state, signum, images, labels)
+        while state.step < cfg.max_steps:
+            epoch, offset = divmod(state.step, state.steps_per_epoch)
+            if cfg.streaming:  # the stream fast-forwards itself, without reading what it skips
+                state.sampler.set_position(epoch, offset * accum)
+                batches = streamed(state)
+            else:
+                state.sampler.set_epoch(epoch)
+                batches = iter(accelerator.skip_first_batches(state.loader, offset * accum) if offset else state.loader)
+            for _ in range((state.steps_per_epoch - offset) * accum):
+                tick = time.perf_counter()
+                try:
+                    batch = next(batches)
+                except RuntimeError:  # a loader worker ended by the same SIGTERM: the last step is checkpointed instead
+                    if stop.received is None:
+                        raise
+                    stop_here(state, stop.received, images, labels)
+                window.data_wait += time.perf_counter() - tick
+                state.images_seen += len(batch["image"])
+                images, labels = batch["image"].float().div_(255).contiguous(memory_format=memory_format), batch["label"]
+                out = train_step(accelerator, state.model, state.optimizer, images, labels, cfg.max_grad_norm)
+                state.unwrapped.on_train_step(out)
+                loss = out.loss.detach()
+                window.add({"loss": loss, **out.logs})
+                first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), state.step + 1, first_bad)
+                if not accelerator.sync_gradients:
+                    continue
+                state.step += 1
+                state.scheduler.step_update(state.step)
+                if state.ema is not None:
+                    state.ema.update(state.unwrapped, step=state.step)
+                bar.update(1)
+                last = state.step == cfg.max_steps
+                if state.step % cfg.logging_steps == 0 or last:
+                    check_finite()
+                    logs = log_window(state, window)
+                    bar.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.2e}", img_s=f"{logs['train/images_per_s']:.0f}")
+                paused = evaluate(state)
+                if state.step % cfg.save_steps == 0 or last:
+                    check_finite()
+                    check_savable(state, images, labels)  # never write a checkpoint with non-finite weights
+                    state.last_checkpoint = save_checkpoint(accelerator, state.output_dir, state.step, state.ema, state.run,
+                                                            cfg.save_total_limit, stream_plan(state))  # fmt: skip
+                    paused = True
+                if paused:
+                    window.start = time.perf_counter()  # evaluation and checkpoint time is not training throughput
+                if last:
+                    break
+                if signum := stop.requested(accelerator):
+                    stop_here(state, signum, images, labels)
 
 
 def streamed(state: State):
@@ -482,10 +563,23 @@ def train(run: RunConfig) -> dict:
             f"--batch_size {cfg.batch_size} is the global batch: it must divide evenly over {world} process(es) "
             f"x {accum} accumulation step(s). Use a multiple of {world * accum}."
         )
-    with hold_folder(output_dir, accelerator.is_main_process), peers_watched(accelerator, output_dir):
+    with StopSignals() as stop, hold_folder(output_dir, accelerator.is_main_process), peers_watched(accelerator, output_dir):
         accelerator.wait_for_everyone()
-        state = setup(run, accelerator)
-        loop(state)
+        # What the folder holds decides whether this run may start, before anything is read or written.
+        resume_from = resolve_resume(cfg)
+        if resume_from is not None:
+            check_resume(resume_from, run, world)
+        claim_folder(cfg, resume_from, accelerator.is_main_process)
+        done = finished_results(resume_from, cfg)
+        if done is not None:
+            accelerator.print(f"The run in {output_dir} already finished at step {done['steps']} (--max_steps "
+                              f"{cfg.max_steps}): nothing to train, results.json is unchanged.")  # fmt: skip
+            return done
+        accelerator.wait_for_everyone()
+        state = setup(run, accelerator, resume_from)
+        if state.step >= cfg.max_steps:  # its last checkpoint was written, its results were not: evaluate it again
+            evaluate(state)
+        loop(state, stop)
         return finish(state)
 
 

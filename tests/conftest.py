@@ -52,6 +52,19 @@ def subprocess_env() -> dict:
 PYTHON = sys.executable
 
 
+def losses(run_dir: Path) -> dict[int, float]:
+    """Training loss by step from a run's metrics.jsonl; a line cut by SIGKILL mid-write is not a row."""
+    import json
+
+    rows = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
 def write_shards(out: Path, n: int = 240, files: int = 3, group: int = 10, size: int = 16) -> Path:
     """Synthetic images as parquet shards in the hub layout (train-0000i-of-0000N.parquet), PNG bytes, `group`
     rows per row group: the input of --streaming."""

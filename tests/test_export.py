@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from ssvit.errors import UsageError
 from ssvit.export import main as export_main
 from ssvit.models import build_timm_model
 from ssvit.pretrain import main as pretrain_main
@@ -79,15 +80,15 @@ def test_with_head_exports_the_fine_tuned_classifier(tmp_path):
 
 
 def test_bad_input_is_refused_clearly(tmp_path):
-    with pytest.raises(SystemExit, match="not an ssvit checkpoint"):
+    with pytest.raises(UsageError, match="not an ssvit checkpoint"):
         export_main([str(tmp_path), "--out", str(tmp_path / "e")])
     pretrain_main(tiny_args(tmp_path, "--max_steps", "1", "--fewshot_steps", "0"))
     ckpt = str(tmp_path / "run/checkpoints/step_000001")
     export_main([ckpt, "--out", str(tmp_path / "e")])
-    with pytest.raises(SystemExit, match="--overwrite"):
+    with pytest.raises(FileExistsError, match="--overwrite"):
         export_main([ckpt, "--out", str(tmp_path / "e")])
     export_main([ckpt, "--out", str(tmp_path / "e"), "--overwrite"])
-    with pytest.raises(SystemExit, match="no linear classifier"):
+    with pytest.raises(UsageError, match="no linear classifier"):
         export_main([ckpt, "--out", str(tmp_path / "h"), "--with-head"])
 
 

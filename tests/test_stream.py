@@ -62,7 +62,7 @@ def test_streaming_refusals_name_the_way_out(shards, tmp_path):
         stream(shards, label_fraction=0.1)
     with pytest.raises(UsageError, match="whole row groups.*smaller row groups"):
         stream(shards, rank=0, world=16, workers=2)
-    with pytest.raises(FileNotFoundError, match="no parquet training files"):
+    with pytest.raises(FileNotFoundError, match="none does not exist"):
         streaming_splits(TrainConfig(data=f"parquet:{tmp_path}/none", streaming=True), 0, 1, MICRO)
 
 
