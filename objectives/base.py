@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from einops import rearrange
 from torch import nn
+
+from ssvit.errors import UsageError
 
 
 @dataclass
@@ -31,15 +34,80 @@ def mlp_tanh_head(dim: int, out_dim: int, hidden_dim: Optional[int] = None) -> n
     return nn.Sequential(nn.Linear(dim, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, out_dim))
 
 
-class Objective(nn.Module):
-    """Wraps a timm backbone. ``forward(images, labels)`` takes images in [0, 1] and returns a StepOutput.
+class PatchTokens:
+    """The token-level view of a timm VisionTransformer (hybrid R50+ViT included) that patch objectives share, made
+    of the backbone's public modules only, so that the backbone stays a plain timm model that exports unchanged:
 
-    One path computes predictions and loss (forward); validation metrics are updated from its outputs."""
+        embed(images)        patch embeddings (B, N, D), before position embeddings (patch_embed)
+        positions()          the patches' position embeddings (1, N, D) (pos_embed without the prefix's)
+        encode(tokens)       prefix tokens (class, registers) with theirs, then pos_drop, patch_drop, norm_pre,
+                             blocks, norm: (B, P + M, D) for any M tokens, e.g. only the visible ones (MAE)
+
+    ``encode(embed(x) + positions())`` is ``backbone.forward_features(x)`` bit for bit (tested); between the two an
+    objective replaces (masked patch, SimMIM) or drops (MAE) tokens.
+    """
+
+    def __init__(self, backbone: nn.Module, objective: str):
+        embed = getattr(backbone, "patch_embed", None)
+        if embed is None or not hasattr(embed, "grid_size") or getattr(backbone, "pos_embed", None) is None or not hasattr(backbone, "blocks"):
+            raise UsageError(
+                f"{objective} needs a model with patch tokens (a timm VisionTransformer or a hybrid R50+ViT); "
+                f"{type(backbone).__name__} has none (BiT/ResNet models are convolutional). "
+                f"Use --objective supervised for it, or a ViT such as --model vit_tiny_patch16_224."
+            )
+        if getattr(backbone, "dynamic_img_size", False):
+            raise UsageError(f"{objective} needs a fixed token grid: remove dynamic_img_size from --model_kwargs.")
+        self.backbone = backbone
+        self.num_prefix = backbone.num_prefix_tokens
+        self.grid = tuple(embed.grid_size)
+        # Pixels per token side: image size over the token grid (a hybrid's patch_embed works on CNN features, so
+        # its own patch_size is not the pixel size).
+        self.patch = embed.img_size[0] // self.grid[0]
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone.patch_embed(images)
+
+    def positions(self) -> torch.Tensor:
+        vit = self.backbone
+        return vit.pos_embed if vit.no_embed_class else vit.pos_embed[:, self.num_prefix :]
+
+    def prefix(self, batch: int) -> Optional[torch.Tensor]:
+        vit = self.backbone
+        tokens = [t.expand(batch, -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
+        if not tokens:
+            return None
+        tokens = torch.cat(tokens, dim=1)
+        return tokens if vit.no_embed_class else tokens + vit.pos_embed[:, : self.num_prefix]
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        vit, prefix = self.backbone, self.prefix(len(tokens))
+        x = tokens if prefix is None else torch.cat([prefix, tokens], dim=1)
+        x = vit.norm_pre(vit.patch_drop(vit.pos_drop(x)))
+        return vit.norm(vit.blocks(x))
+
+
+class Objective(nn.Module):
+    """Wraps a timm backbone. ``forward(images, labels)`` takes images in [0, 1] and returns a StepOutput; it has no
+    side effects (the loop also calls it to check a checkpoint and to evaluate): statistics kept over training go in
+    on_train_step.
+
+    One path computes predictions and loss (forward); validation metrics are updated from its outputs. What the rest
+    of ssvit needs to know of an objective is a class attribute here, never its name."""
 
     best_metric: Optional[str] = None
     """Validation metric (higher is better) that selects the best checkpoint, e.g. "top1"."""
     needs_labels: bool = True
     """False for self-supervised objectives: they train on images without labels."""
+    representation: str = "prelogits"
+    """The frozen features few-shot, probe and k-NN evaluation read under --fewshot_representation auto: prelogits
+    (timm's pooled features), cls (the class token) or mean (the mean patch token)."""
+    classifier_pooling: dict = {}
+    """model_kwargs of a classifier fine-tuned from this objective's backbone, unless --model_kwargs chooses a
+    pooling: e.g. the mean patch token for objectives that never train the class token."""
 
     @dataclass
     class Options:
@@ -79,3 +147,71 @@ class Objective(nn.Module):
     def on_evaluate(self, images: torch.Tensor, out_dir: Path, step: int) -> Optional[Path]:
         """Optional: write a figure from a few validation images (main process only)."""
         return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared by the pixel-reconstruction objectives (MAE, SimMIM)
+
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, N, patch * patch * 3), rows of patches in raster order, pixels as (p, q, c) (the
+    official code's order)."""
+    return rearrange(images, "b c (h p) (w q) -> b (h w) (p q c)", p=patch, q=patch)
+
+
+def unpatchify(patches: torch.Tensor, patch: int, grid: tuple[int, int]) -> torch.Tensor:
+    return rearrange(patches, "b (h w) (p q c) -> b c (h p) (w q)", h=grid[0], w=grid[1], p=patch, q=patch)
+
+
+def explained(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per image: the share of the masked patches' variance (around each patch's mean) that the prediction explains,
+    1 - SSE / SS. 0 for predicting each patch's mean, 1 for a perfect reconstruction; with normalised targets it is
+    1 - the loss."""
+    sse = ((pred - target).pow(2).sum(-1) * mask).sum(1)
+    ss = ((target - target.mean(-1, keepdim=True)).pow(2).sum(-1) * mask).sum(1)
+    return 1 - sse / ss.clamp(min=1e-12)
+
+
+class PixelReconstruction(Objective):
+    """What the pixel-reconstruction objectives share: their metrics (the loss, and r2, the share of the masked
+    patches' variance explained, which selects the best checkpoint), frozen features and fine-tuning pooling read
+    from the mean patch token (no loss reaches the class token's output; both papers fine-tune ViTs on the average
+    of the patch tokens; ssvit keeps the encoder's final norm before the average so the weights fit unchanged)."""
+
+    best_metric = "r2"
+    needs_labels = False
+    representation = "mean"
+    classifier_pooling = {"global_pool": "avg", "fc_norm": False}
+
+    def step_output(self, loss: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> StepOutput:
+        r2 = explained(pred, target, mask)
+        outputs = {"loss": loss.detach().expand(len(pred)), "r2": r2.detach()}
+        if not self.training:
+            outputs |= {"pred": pred.detach(), "mask": mask}
+        return StepOutput(loss, {"r2": r2.mean().detach()}, outputs)
+
+    def make_metrics(self):
+        import torchmetrics
+
+        return torchmetrics.MetricCollection({name: torchmetrics.MeanMetric() for name in ("loss", "r2")})
+
+    def update_metrics(self, metrics, outputs: dict[str, torch.Tensor]) -> None:
+        metrics["loss"].update(outputs["loss"])
+        metrics["r2"].update(outputs["r2"])
+
+
+@torch.no_grad()
+def save_reconstructions(objective: "Objective", images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, path: Path) -> Path:
+    """A PNG, per row: the image | its masked input (masked patches grey) | the prediction on the masked patches
+    with the visible ones pasted back. pred: (B, N, p*p*3) in the normalised image's units; mask: (B, N), 1 masked."""
+    from torchvision.utils import save_image
+
+    t = objective.tokens
+    true, mask = patchify(objective.normalize(images), t.patch), mask[..., None]
+    pixels = lambda p: (unpatchify(p, t.patch, t.grid) * objective.std + objective.mean).clamp(0, 1)  # noqa: E731
+    hidden = unpatchify(mask.expand_as(true), t.patch, t.grid)  # 1 on the masked pixels
+    rows = [images.float(), pixels(true) * (1 - hidden) + 0.5 * hidden, pixels(true * (1 - mask) + pred * mask)]
+    rows = rearrange(rows, "t b c h w -> (b t) c h w")
+    rows = torch.nn.functional.interpolate(rows, scale_factor=max(1, -(-96 // images.shape[-1])), mode="nearest")
+    save_image(rows, path, nrow=3, padding=2, pad_value=1.0)
+    return path

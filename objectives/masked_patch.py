@@ -21,7 +21,7 @@ from einops import rearrange, reduce, repeat
 from torch import nn
 
 from objectives import register
-from objectives.base import Objective, StepOutput, mlp_tanh_head
+from objectives.base import Objective, PatchTokens, StepOutput, mlp_tanh_head
 from ssvit.errors import UsageError
 
 
@@ -170,14 +170,15 @@ class MaskedPatch(Objective):
             raise UsageError(f"--masked_patch.mask_ratio {o.mask_ratio} corrupts round({o.mask_ratio} x {(cfg.img_size // patch) ** 2}) = 0 "
                              f"patches per image at --img_size {cfg.img_size} with {patch}px patches: raise it.")  # fmt: skip
 
+    representation = "mean"  # the loss is on patch tokens only: the class token gets no training signal
+    classifier_pooling = {"global_pool": "avg", "fc_norm": False}
+    """A classifier reads the mean patch token (after the final norm, so the checkpoint's weights fit): masked patch
+    prediction trains the patch tokens' outputs, never the class token's (App. B.1.2); on validation, fine-tuning
+    read the mean patch token better (README, "Which token fine-tuning reads")."""
+
     def __init__(self, backbone: nn.Module, num_classes: int, options: Options):
         super().__init__(backbone, num_classes, options)
-        if not hasattr(backbone, "patch_embed") or not hasattr(backbone, "num_prefix_tokens"):
-            raise UsageError(
-                f"masked_patch needs a model with patch tokens (a timm VisionTransformer or a hybrid R50+ViT); "
-                f"{type(backbone).__name__} has none (BiT/ResNet models are convolutional). "
-                f"Use --objective supervised for it, or a ViT such as --model vit_tiny_patch16_224."
-            )
+        self.tokens = PatchTokens(backbone, "masked_patch")
         o = options
         if not (0 < o.mask_ratio <= 1 and o.mask_token_prob >= 0 and o.random_patch_prob >= 0):
             raise UsageError(f"masked_patch: need 0 < mask_ratio <= 1 and non-negative probabilities, got {o}")
@@ -187,9 +188,7 @@ class MaskedPatch(Objective):
         self.mask_token = nn.Parameter(torch.zeros(dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.classes = (2**o.bits) ** 3
-        # The patch size in pixels, for targets: image size over the token grid (a hybrid's patch_embed works
-        # on CNN features, so its own patch_size is not the pixel size).
-        self.patch = backbone.patch_embed.img_size[0] // backbone.patch_embed.grid_size[0]
+        self.patch = self.tokens.patch
         out_dim = {"mean_color": self.classes, "downsampled": o.grid**2 * self.classes, "pixels": self.patch**2 * 3}[o.target]
         self.head = mlp_tanh_head(dim, out_dim) if o.head == "mlp_tanh" else nn.Linear(dim, out_dim)
         last = self.head[-1] if isinstance(self.head, nn.Sequential) else self.head
@@ -198,26 +197,14 @@ class MaskedPatch(Objective):
         self.train_colors = ColorCounts(self.classes)
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run the backbone with corrupted patch embeddings: (patch tokens (B, N, D), selected (B, N), positions (B, k))."""
+        """Run the backbone with corrupted patch embeddings: (patch tokens (B, N, D), selected (B, N), positions (B, k)).
+        The embeddings are corrupted before position embeddings are added: the position of a corrupted patch stays
+        known (App. B.1.2 corrupts "patch embeddings")."""
         o = self.options
-        plan = {}
-
-        # Corrupt after timm's patch embedding and before position embeddings are added (the position of a
-        # corrupted patch stays known), via a hook so the backbone stays a plain timm model.
-        def hook(module, args, output):
-            if output.ndim != 3:
-                raise ValueError("masked_patch needs patch_embed to return (B, N, D); disable dynamic_img_size")
-            output, plan["selected"], _, plan["positions"] = corrupt(
-                output, self.mask_token, o.mask_ratio, o.mask_token_prob, o.random_patch_prob
-            )
-            return output
-
-        handle = self.backbone.patch_embed.register_forward_hook(hook)
-        try:
-            tokens = self.backbone.forward_features(self.normalize(images))
-        finally:
-            handle.remove()
-        return tokens[:, self.backbone.num_prefix_tokens :], plan["selected"], plan["positions"]
+        patches = self.tokens.embed(self.normalize(images))
+        patches, selected, _, positions = corrupt(patches, self.mask_token, o.mask_ratio, o.mask_token_prob, o.random_patch_prob)
+        tokens = self.tokens.encode(patches + self.tokens.positions())
+        return tokens[:, self.tokens.num_prefix :], selected, positions
 
     def _loss_and_color(self, pred: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss, averaged over the corrupted patches, and the predicted mean-colour class of each (B, k)."""

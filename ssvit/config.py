@@ -39,6 +39,8 @@ class TrainConfig:
     with 6 blocks ({patch_size: 4, depth: 6}) for the default --model, nothing ({}) for any other model."""
     img_size: int = 32
     """Training resolution in pixels (square)."""
+    drop_path_rate: Optional[float] = None
+    """Stochastic depth (timm's drop_path_rate), e.g. 0.1 for MAE fine-tuning; unset: the model's default (none)."""
     init: Optional[str] = None
     """Start from weights: an ssvit checkpoint (dir or model.safetensors), an exported backbone folder,
     or timm:<name> for timm's pretrained weights. The objective's head is always new."""
@@ -254,22 +256,16 @@ def parse(argv: Optional[list[str]] = None, defaults: Optional[dict] = None, pro
     return RunConfig(train, options, ns, parser)
 
 
-MASKED_PATCH_POOLING = {"global_pool": "avg", "fc_norm": False}
-"""How a classifier reads a masked-patch backbone unless --model_kwargs says otherwise: the mean of the patch
-tokens (after the final norm, so the checkpoint's weights fit). Masked patch prediction trains the patch
-tokens' outputs and never the class token's (App. B.1.2); on validation, fine-tuning read the mean patch token
-better (README, "Which token fine-tuning reads")."""
-
-
 def pooling_for(source_objective: Optional[str], model_kwargs: dict) -> dict:
-    """MASKED_PATCH_POOLING for a classifier on a backbone that `source_objective` trained, when it is masked
-    patch and model_kwargs choose no pooling; nothing otherwise (a supervised class token is trained)."""
-    return dict(MASKED_PATCH_POOLING) if source_objective == "masked_patch" and "global_pool" not in model_kwargs else {}
+    """The pooling a classifier on a backbone that `source_objective` trained inherits (the objective's
+    classifier_pooling, e.g. the mean patch token), unless model_kwargs choose one; nothing for an unknown objective."""
+    source = objectives.OBJECTIVES.get(source_objective or "")
+    return dict(source.classifier_pooling) if source is not None and "global_pool" not in model_kwargs else {}
 
 
 def pooling_for_init(init: Optional[str], objective: str, model_kwargs: dict) -> dict:
     """pooling_for the ssvit checkpoint --init names, when this run trains a classifier on it."""
-    if not init or objective == "masked_patch" or not Path(init).exists():
+    if not init or not objectives.get(objective).needs_labels or not Path(init).exists():
         return {}
     return pooling_for((saved_config(init) or {}).get("objective"), model_kwargs)
 
@@ -299,6 +295,7 @@ def _ranges(cfg: TrainConfig) -> list[tuple[str, object, bool, str]]:
         ("--ema_decay", cfg.ema_decay, unit(cfg.ema_decay), "between 0 and 1 (e.g. 0.9999), or null for none"),
         ("--layer_decay", cfg.layer_decay, unit(cfg.layer_decay, closed_hi=True), "in (0, 1] (e.g. 0.75), or null for none"),
         ("--momentum", cfg.momentum, 0 <= cfg.momentum < 1, "in [0, 1)"),
+        ("--drop_path_rate", cfg.drop_path_rate, cfg.drop_path_rate is None or 0 <= cfg.drop_path_rate < 1, "in [0, 1), or null"),
         ("--adam_beta1", cfg.adam_beta1, 0 <= cfg.adam_beta1 < 1, "in [0, 1)"),
         ("--adam_beta2", cfg.adam_beta2, 0 <= cfg.adam_beta2 < 1, "in [0, 1)"),
     ]

@@ -18,11 +18,14 @@ from tqdm.auto import tqdm
 
 
 def representation_for(objective: str, requested: str) -> str:
-    """auto: the mean of the patch tokens for masked-patch checkpoints (their class token receives no training
-    signal: the loss is on patch tokens only), the model's pre-logits (timm's pooled features) otherwise."""
+    """auto: the representation the objective names (the mean patch token for objectives whose class token gets
+    no training signal, such as masked patch), the model's pre-logits (timm's pooled features) otherwise."""
+    import objectives
+
     if requested != "auto":
         return requested
-    return "mean" if objective == "masked_patch" else "prelogits"
+    source = objectives.OBJECTIVES.get(objective)
+    return source.representation if source is not None else "prelogits"
 
 
 @torch.no_grad()

@@ -88,10 +88,12 @@ def seed_process(seed: int) -> None:
 
 def build_objective(run: RunConfig, num_classes: int) -> objectives.Objective:
     cfg = run.train
-    backbone = create_backbone(cfg.model, cfg.img_size, cfg.model_kwargs)
-    if cfg.init:
-        load_init(backbone, cfg.init)
-    return objectives.get(cfg.objective)(backbone, num_classes, run.objective_options)
+    regularised = {"drop_path_rate": cfg.drop_path_rate} if cfg.drop_path_rate is not None else {}
+    backbone = create_backbone(cfg.model, cfg.img_size, {**(cfg.model_kwargs or {}), **regularised})
+    objective = objectives.get(cfg.objective)(backbone, num_classes, run.objective_options)
+    if cfg.init:  # after the objective: what it initialises in the backbone (MAE's fixed positions) must not win
+        load_init(objective.backbone, cfg.init)
+    return objective
 
 
 def make_scheduler(optimizer, cfg: TrainConfig):

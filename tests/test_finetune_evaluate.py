@@ -155,14 +155,15 @@ def test_a_masked_patch_init_is_read_through_the_mean_patch_token_unless_chosen(
     supervised init keeps timm's class token, an explicit global_pool is kept, and the export carries the choice."""
     import timm
 
-    from ssvit.config import MASKED_PATCH_POOLING, finetune_defaults, parse
+    import objectives
+    from ssvit.config import finetune_defaults, parse
     from ssvit.export import main as export_main
 
     def model_kwargs(objective, *extra):
         argv = ["--init", str(checkpoints[objective]), *extra]
         return parse(argv, defaults=finetune_defaults(argv)).train.model_kwargs
 
-    assert model_kwargs("masked_patch") == {**VIT[1], **MASKED_PATCH_POOLING}
+    assert model_kwargs("masked_patch") == {**VIT[1], **objectives.get("masked_patch").classifier_pooling, "global_pool": "avg"}
     assert "global_pool" not in model_kwargs("supervised")
     chosen = {**VIT[1], "global_pool": "token"}
     assert model_kwargs("masked_patch", "--model_kwargs", json.dumps(chosen)) == chosen

@@ -7,6 +7,8 @@ import sys
 import pytest
 import yaml
 
+import objectives
+
 from ssvit import compare, finetune, pretrain
 
 from conftest import CIFAR, IMAGENET_SAMPLE, ROOT, tiny_args
@@ -35,8 +37,9 @@ def needs_shared(data: str) -> None:
 
 
 def argv(flags: dict) -> list[str]:
-    return compare.flags({k: v for k, v in flags.items() if k not in ("masked_patch", "supervised")}) + compare.flags(
-        {f"{o}.{k}": v for o in ("masked_patch", "supervised") for k, v in (flags.get(o) or {}).items()}
+    nested = set(objectives.OBJECTIVES)  # objective options: a section per objective
+    return compare.flags({k: v for k, v in flags.items() if k not in nested}) + compare.flags(
+        {f"{o}.{k}": v for o in nested for k, v in (flags.get(o) or {}).items()}
     )
 
 
@@ -49,11 +52,11 @@ def test_preset_trains_for_two_steps(path, tmp_path):
     flags = tiny({k: v for k, v in preset.items()})
     needs_shared(flags["data"])
     flags["output_dir"] = str(tmp_path / "run")
-    if path.stem == "finetune":  # the fine-tuning preset starts from a pretrained checkpoint
+    if path.stem.startswith("finetune"):  # a fine-tuning preset starts from a pretrained checkpoint
         pretrain.main(tiny_args(tmp_path / "pre", "--max_steps", "1", "--fewshot_steps", "0"))
         init = str(tmp_path / "pre/run/checkpoints/step_000001")
         flags.pop("model_kwargs")  # the architecture is the checkpoint's
-        result = finetune.main(["--init", init, *argv({**flags, "data": "synthetic:200"})])
+        result = finetune.main(["--init", init, "--config", str(path), *argv({**flags, "data": "synthetic:200"})])
     else:
         result = pretrain.main(["--config", str(path), *argv(flags)])
     assert result["steps"] == 2

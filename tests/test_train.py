@@ -91,14 +91,16 @@ def test_non_finite_loss_stops_and_writes_no_bad_checkpoint(tmp_path):
     assert not list((tmp_path / "run/checkpoints").glob("step_*"))
 
 
-@pytest.mark.parametrize("workers,data", [(0, "cached"), (2, "cached"), (2, "decoded"), (2, "streaming")],
-                         ids=["in_process", "two_workers", "decoded_two_workers", "streaming"])  # fmt: skip
-def test_sigkill_mid_epoch_then_resume_gives_the_same_losses(tmp_path, workers, data, shards, monkeypatch):
+@pytest.mark.parametrize("workers,data,objective", [(0, "cached", "masked_patch"), (2, "cached", "masked_patch"), (2, "decoded", "masked_patch"),
+                                                    (2, "streaming", "masked_patch"), (2, "cached", "mae"), (2, "cached", "simmim")],
+                         ids=["in_process", "two_workers", "decoded_two_workers", "streaming", "mae", "simmim"])  # fmt: skip
+def test_sigkill_mid_epoch_then_resume_gives_the_same_losses(tmp_path, workers, data, objective, shards, monkeypatch):
     # 540 training images at batch 16: 33 steps an epoch; checkpoints every 5 steps are mid-epoch. Decoded: the JPEG
     # shards read per image from Arrow (data beyond the uint8 cache), each crop decoded in a worker. Streamed: 235
     # training images over 2 workers, 14 steps an epoch: the same losses mean the same images in the same order.
     steps = 120 if not workers else 45
-    common = ["--max_steps", str(steps), "--save_steps", "5", "--save_total_limit", "3", "--dataloader_num_workers", str(workers)]
+    common = ["--max_steps", str(steps), "--save_steps", "5", "--save_total_limit", "3", "--dataloader_num_workers", str(workers),
+              "--objective", objective]  # fmt: skip
     if data == "decoded":
         monkeypatch.setenv("SSVIT_MAX_CACHE_BYTES", "0")  # here and in the killed subprocess
     if data != "cached":
