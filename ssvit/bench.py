@@ -151,10 +151,21 @@ def peers(args, device):
         return hf(pixel_values=x, bool_masked_pos=mask).loss
 
     out["transformers_mim"] = (hf_loss, list(hf.parameters()))
+    if "mae" in args.objective:  # Hugging Face's MAE with ssvit's encoder and default decoder sizes
+        from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+        mae = get_objective("mae").Options()
+        mae_cfg = ViTMAEConfig(**{k: getattr(cfg, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                               "intermediate_size", "image_size", "patch_size")},
+                               decoder_hidden_size=mae.decoder_embed_dim, decoder_num_hidden_layers=mae.decoder_depth,
+                               decoder_num_attention_heads=mae.decoder_num_heads, decoder_intermediate_size=4 * mae.decoder_embed_dim,
+                               mask_ratio=mae.mask_ratio, norm_pix_loss=mae.norm_pix_loss)  # fmt: skip
+        hf_mae = ViTMAEForPreTraining(mae_cfg).to(device)
+        out["transformers_mae"] = (lambda x, y: hf_mae(pixel_values=x).loss, list(hf_mae.parameters()))
     return out
 
 
-def ssvit_candidate(args, device, precision, images, labels, fused_optimizer):
+def ssvit_candidate(args, device, precision, images, labels, fused_optimizer, objective=None):
     """ssvit's own training step, as the loop runs it: the objective prepared by Accelerate at this precision,
     timm's parameter groups, AdamW, gradient clipping at the default norm, through ssvit.train.train_step."""
     from accelerate import Accelerator
@@ -164,14 +175,15 @@ def ssvit_candidate(args, device, precision, images, labels, fused_optimizer):
     AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=device.type == "cpu")
     torch.manual_seed(0)
-    objective_cls = get_objective(args.objective)
+    objective = objective or args.objective[0]
+    objective_cls = get_objective(objective)
     model = objective_cls(create_backbone(args.model, args.img_size, args.model_kwargs), 10, objective_cls.Options()).to(device)
     if args.compile:  # the transformer blocks, where the time goes (the corruption hook stays eager)
         model.backbone.blocks = torch.compile(model.backbone.blocks)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
     fused = set_fused_attention(model, args.fused_attn, device.type, precision)
-    cfg = TrainConfig(objective=args.objective, fused_optimizer=fused_optimizer)
+    cfg = TrainConfig(objective=objective, fused_optimizer=fused_optimizer)
     prepared, optimizer = accelerator.prepare(model, make_optimizer(model, cfg, cfg.lr, device.type))
     x = images.contiguous(memory_format=fmt)
 
@@ -234,29 +246,38 @@ def run(args) -> dict:
     }
     for precision in args.precision:
         # ssvit's attention path as training picks it (--fused_attn); the peers keep their defaults.
-        ours = f"ssvit_{args.objective}"
-        ssvit_step, ssvit_flops, fused = ssvit_candidate(args, device, precision, images, labels, fused_optimizer)
+        steps = {}
+        for name in args.objective:  # side by side in one run: the same peak, machine state and inputs
+            step, flops, fused = ssvit_candidate(args, device, precision, images, labels, fused_optimizer, name)
+            steps[f"ssvit_{name}"] = (step, flops)
         if device.type == "cuda":
             name = torch.cuda.get_device_name()
             peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), None)
             peak_source = "datasheet dense bf16"
         else:
             peak, peak_source = matmul_peak(device, precision), f"measured {precision} matmul"
-        steps = {ours: (ssvit_step, ssvit_flops)}
         for name, (loss_fn, params) in candidates.items():
             flops = count_flops(loss_fn, images, labels, device, precision)
             for p in params:
                 p.grad = None
             steps[name] = (make_step(loss_fn, params, images, labels, device, precision, fused_optimizer), flops)
         rows = {name: measure(step, flops / args.batch_size, peak, args, device) for name, (step, flops) in steps.items()}
-        ours = rows[ours]
+        first = args.objective[0]
+        ours = rows[f"ssvit_{first}"]
         ratios = {
             "mfu": ours["mfu"],
             "time_vs_timm_supervised": rows["timm_supervised"]["images_per_s"] / ours["images_per_s"],
             "input_pipeline_vs_step": report["input_pipeline_images_per_s"] / ours["images_per_s"],
         }
+        for name in args.objective[1:]:  # each further objective against the first: speed, and MFU (FLOPs as counted)
+            other = rows[f"ssvit_{name}"]
+            ratios[f"{name}_images_per_s_vs_{first}"] = other["images_per_s"] / ours["images_per_s"]
+            ratios[f"{name}_mfu_vs_{first}"] = other["mfu"] / ours["mfu"] if ours["mfu"] else None
         if "transformers_mim" in rows:
             ratios["speedup_vs_transformers_mim"] = ours["images_per_s"] / rows["transformers_mim"]["images_per_s"]
+        for name, peer in (("mae", "transformers_mae"), ("simmim", "transformers_mim")):  # each objective against its peer
+            if f"ssvit_{name}" in rows and peer in rows:
+                ratios[f"{name}_speedup_vs_{peer}"] = rows[f"ssvit_{name}"]["images_per_s"] / rows[peer]["images_per_s"]
         report["results"][precision] = {"peak_flops": peak, "peak_source": peak_source, "ssvit_fused_attn": fused,
                                         "steps": rows, "ratios": ratios}  # fmt: skip
     return report
@@ -290,7 +311,7 @@ def end_to_end(args) -> dict:
     AcceleratorState._reset_state(reset_partial_state=True)
     with tempfile.TemporaryDirectory() as tmp:
         steps = args.logging_steps * (args.windows + 1)
-        train(parse(["--objective", args.objective, "--model", args.model, "--model_kwargs", json.dumps(args.model_kwargs),
+        train(parse(["--objective", args.objective[0], "--model", args.model, "--model_kwargs", json.dumps(args.model_kwargs),
                   "--img_size", str(args.img_size), "--batch_size", str(args.batch_size), "--data", args.end_to_end,
                   "--max_steps", str(steps), "--warmup_steps", str(steps // 10), "--logging_steps", str(args.logging_steps),
                   "--eval_steps", str(10**9), "--fewshot_steps", "0", "--save_steps", str(10**9), "--report_to", "[]",
@@ -523,7 +544,8 @@ def run_command(argv=None) -> dict:
     p.add_argument("--model_kwargs", type=yaml.safe_load, default=DEFAULT_MODEL_KWARGS["vit_tiny_patch16_224"],
                    help="default: the training default (ViT-Ti/4, 6 blocks)")
     p.add_argument("--img_size", type=int, default=32)
-    p.add_argument("--objective", default="masked_patch")
+    p.add_argument("--objective", nargs="+", default=["masked_patch"],
+                   help="one or more objectives, timed side by side; ratios are against the first")
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -3,11 +3,11 @@
     accelerate launch ssvit/compare.py --config configs/compare_cifar10_cpu.yaml
     accelerate launch ssvit/compare.py --config configs/compare_cifar10_budget_cpu.yaml   # compute on the x-axis
 
-Arms: from scratch, supervised-pretrained (all training labels), masked-patch-pretrained (the same images,
-no labels), each fine-tuned with the same backbone, data, augmentation and fine-tuning budget at every label
-fraction and seed. With `budgets`, the study instead runs scratch and masked patch at equal totals of images
-processed, masked patch splitting each total between pretraining and fine-tuning (run_budget_study).
-Ablations (corruption rate, targets) are extra masked-patch pretrainings compared by few-shot accuracy.
+Arms: from scratch, supervised-pretrained (all training labels), and one arm per self-supervised objective in
+`objectives` (pretrained on the same images without labels), each fine-tuned with the same backbone, data,
+augmentation and fine-tuning budget at every label fraction and seed. With `budgets`, the study instead runs scratch
+and every objective at equal totals of training FLOPs, each objective splitting a budget between pretraining and
+fine-tuning (run_budget_study). Ablations are extra pretrainings of the first objective compared by few-shot accuracy.
 Every run is an ordinary ssvit run in <output_dir>/runs/<name>: a finished run (its results.json exists) is
 never run again, an interrupted one resumes from its last checkpoint.
 Writes results.csv, results.md (mean and 95% confidence interval over seeds, gains paired by seed) and PNG plots.
@@ -37,9 +37,10 @@ class Study:
     base: dict = field(default_factory=dict)
     """Flags shared by every run: model, data, img_size, precision..."""
     pretrain: dict = field(default_factory=dict)
-    """Flags of both pretrainings (steps, batch, lr)."""
-    masked_patch: dict = field(default_factory=dict)
-    """Extra flags of the masked-patch pretraining (lr, corruption...)."""
+    """Flags of every pretraining (steps, batch, lr)."""
+    objectives: dict = field(default_factory=lambda: {"masked_patch": {}})
+    """The self-supervised arms: objective name -> its extra pretraining flags, e.g. {mae: {adam_beta2: 0.95,
+    mae.mask_ratio: 0.75}}. Any registered objective."""
     supervised: dict = field(default_factory=dict)
     """Extra flags of the supervised pretraining."""
     finetune: dict = field(default_factory=dict)
@@ -47,20 +48,26 @@ class Study:
     label_fractions: list = field(default_factory=lambda: [0.01, 0.1, 1.0])
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     ablations: dict = field(default_factory=dict)
-    """name -> masked_patch flags, e.g. {mask_ratio_0.15: {masked_patch.mask_ratio: 0.15}}."""
-    arms: list = field(default_factory=lambda: list(ARMS))
-    """Which arms run (see ARMS)."""
+    """name -> extra flags of the first objective, e.g. {mask_ratio_0.15: {masked_patch.mask_ratio: 0.15}}."""
+    arms: Optional[list] = None
+    """Which arms run: scratch, scratch_matched, supervised and the objectives' names (unset: all of them)."""
     budgets: list = field(default_factory=list)
-    """Compute on the x-axis: total images processed (pretraining plus fine-tuning) of each cell. When given, the
-    study runs scratch and masked patch at each of these budgets instead of the arms (run_budget_study)."""
+    """Compute on the x-axis: budgets in images of fine-tuning from scratch; every arm of a budget spends the same
+    training FLOPs (counted per image of each objective with FlopCounterMode). When given, the study runs scratch and
+    every objective at each budget instead of the arms (run_budget_study)."""
     pretrain_shares: list = field(default_factory=lambda: [0.5, 0.75])
-    """With budgets: the shares of a budget that masked patch spends on pretraining, the rest on fine-tuning."""
+    """With budgets: the shares of a budget's FLOPs that an objective spends on pretraining, the rest on fine-tuning."""
 
+    def arm_names(self) -> list[str]:
+        """scratch: fine-tuning's budget only. scratch_matched: from scratch on the labelled subset for as many
+        images as the first objective's pretraining plus fine-tuning process (label fractions below 1; at 1 the
+        supervised arm is that). supervised and each objective: pretrained on all training images (with / without
+        labels), then fine-tuned."""
+        every = ["scratch", "scratch_matched", "supervised", *self.objectives]
+        return [a for a in every if self.arms is None or a in self.arms]
 
-ARMS = ("scratch", "scratch_matched", "supervised", "masked_patch")
-"""scratch: fine-tuning's budget only. scratch_matched: from scratch on the labelled subset for as many images as
-masked-patch pretraining plus fine-tuning process (label fractions below 1; at 1 the supervised arm is that).
-supervised, masked_patch: pretrained on all training images (with / without labels), then fine-tuned."""
+    def pretraining_flags(self, arm: str) -> dict:
+        return self.supervised if arm == "supervised" else self.objectives[arm]
 
 
 def resolved(study: Study, arm: str) -> tuple[dict, dict]:
@@ -68,13 +75,19 @@ def resolved(study: Study, arm: str) -> tuple[dict, dict]:
     from ssvit.config import TrainConfig
 
     pretrain = {}
-    if arm in ("supervised", "masked_patch"):
-        pretrain = {**vars(TrainConfig()), **study.base, **study.pretrain, **getattr(study, arm)}
+    if arm in ("supervised", *study.objectives):
+        pretrain = {**vars(TrainConfig()), **study.base, **study.pretrain, **study.pretraining_flags(arm)}
     return pretrain, {**preset("finetune"), **study.base, **study.finetune}
 
 
+def first_objective(study: Study) -> str:
+    if not study.objectives:
+        raise UsageError("objectives: the study needs at least one self-supervised objective, e.g. {masked_patch: {}}.")
+    return next(iter(study.objectives))
+
+
 def images_processed(study: Study, arm: str) -> int:
-    pretrain, finetune = resolved(study, arm if arm != "scratch_matched" else "masked_patch")
+    pretrain, finetune = resolved(study, arm if arm != "scratch_matched" else first_objective(study))
     images = finetune["max_steps"] * finetune["batch_size"]
     return images + (pretrain["max_steps"] * pretrain["batch_size"] if pretrain and arm != "scratch" else 0)
 
@@ -86,7 +99,7 @@ def with_steps(flags: dict, resolved_flags: dict, steps: int) -> dict:
 
 
 def finetune_flags(study: Study, arm: str) -> dict:
-    """The fine-tuning flags of an arm. scratch_matched runs as many fine-tuning-batch steps as masked-patch
+    """The fine-tuning flags of an arm. scratch_matched runs as many fine-tuning-batch steps as the first objective's
     pretraining plus fine-tuning process images, with the fine-tuning lr."""
     if arm != "scratch_matched":
         return study.finetune
@@ -123,15 +136,19 @@ def run_once(argv: list[str], output_dir: Path, defaults: Optional[dict] = None)
 
 def flops_per_image(run_dir: Path) -> float:
     """FLOPs of one training image (forward and backward) of a run's objective, counted with FlopCounterMode."""
+    return counted_flops(["--config", str(run_dir / "config.yaml")])
+
+
+def counted_flops(argv: list[str], defaults: Optional[dict] = None) -> float:
+    """FLOPs of one training image (forward and backward) of the run `argv` describes, before it runs."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from ssvit.train import build_objective
 
-    saved = saved_config(run_dir)
-    run = parse(["--config", str(run_dir / "config.yaml"), "--init", "null"])  # the architecture, not the weights
+    run = parse([*argv, "--init", "null"], defaults=defaults)  # the architecture, not the weights
     model = build_objective(run, num_classes=10)
-    images = torch.rand(2, 3, saved["img_size"], saved["img_size"])
+    images = torch.rand(2, 3, run.train.img_size, run.train.img_size)
     with FlopCounterMode(display=False) as counter:
         model(images, torch.zeros(len(images), dtype=torch.long)).loss.backward()
     return counter.get_total_flops() / len(images)
@@ -165,65 +182,105 @@ def paired_difference(arm: dict, scratch: dict) -> Optional[tuple[float, float]]
     return (statistics.mean(diffs), confidence_interval(diffs)) if len(diffs) >= 2 else None
 
 
-def budget_plan(study: Study) -> list[tuple[str, int, int]]:
-    """(arm, pretraining images, fine-tuning images) of every budget cell, checked before any work is done:
-    scratch spends the whole budget on fine-tuning, masked_patch<share> that share of it on pretraining."""
-    pretrain, finetune = resolved(study, "masked_patch")
+@dataclass(frozen=True)
+class Cell:
+    """One cell of a budget study: an arm (scratch, or an objective at a pretraining share) at a budget."""
+
+    arm: str
+    objective: Optional[str]
+    share: float
+    budget: int
+    pretrain_images: int
+    finetune_images: int
+
+
+def pretraining_argv(study: Study, objective: str, steps: Optional[int] = None, extra: Optional[dict] = None) -> list[str]:
+    pretrain, _ = resolved(study, objective)
+    own = {**study.pretrain, **study.pretraining_flags(objective), **(extra or {})}
+    return [*flags(study.base), "--objective", objective, "--fewshot_steps", "0",
+            *flags(with_steps(own, pretrain, steps) if steps else own)]  # fmt: skip
+
+
+def budget_plan(study: Study) -> list[Cell]:
+    """Every cell of a budget study, checked before any work is done. A budget B is the FLOPs of fine-tuning from
+    scratch on B images: scratch spends it all on fine-tuning; an objective at share s spends s of those FLOPs on
+    pretraining (as many images, in whole batches, as its own FLOPs per image allow: MAE's encoder sees a quarter
+    of the tokens, so it pretrains on more images) and fine-tunes on the (1 - s) B images left."""
     for budget in study.budgets:
         if not isinstance(budget, int) or budget <= 0:
             raise UsageError(f"budgets: {budget!r} is not a number of images (a positive whole number, e.g. 32768).")
     for share in study.pretrain_shares:
         if not 0 < share < 1:
             raise UsageError(f"pretrain_shares: {share} is not a share of a budget between 0 and 1 (scratch, share 0, always runs).")
+    first_objective(study)
+    _, finetune = resolved(study, first_objective(study))
+    fine_flops = None
     cells = []
     for budget in study.budgets:
-        for share in [0, *study.pretrain_shares]:
-            pre = round(share * budget)
-            for images, batch, what in ((pre, pretrain["batch_size"], "pretraining"), (budget - pre, finetune["batch_size"], "fine-tuning")):
-                if images % batch:
-                    raise UsageError(f"budget {budget} at pretraining share {share}: {images} {what} images are not a whole "
-                                     f"number of batches of {batch}. Choose budgets that are multiples of both batch sizes.")  # fmt: skip
-            cells.append(("scratch" if share == 0 else f"masked_patch{share:g}", pre, budget - pre))
+        cells.append(Cell("scratch", None, 0.0, budget, 0, budget))
+        for objective in study.objectives:
+            pretrain, _ = resolved(study, objective)
+            for share in study.pretrain_shares:
+                fine = budget - round(share * budget)
+                if fine % finetune["batch_size"]:
+                    raise UsageError(f"budget {budget} at pretraining share {share}: {fine} fine-tuning images are not a whole "
+                                     f"number of batches of {finetune['batch_size']}. Choose budgets that are multiples of it.")  # fmt: skip
+                cells.append(Cell(f"{objective}{share:g}", objective, share, budget, -1, fine))
+    for cell in [c for c in cells if c.objective]:  # FLOPs counted once every budget is known to fit
+        pretrain, _ = resolved(study, cell.objective)
+        fine_flops = fine_flops or counted_flops([*flags(study.base), *flags(study.finetune)], defaults=preset("finetune"))
+        per_image = counted_flops(pretraining_argv(study, cell.objective))
+        batches = round(cell.share * cell.budget * fine_flops / per_image / pretrain["batch_size"])
+        if batches < 1:
+            raise UsageError(f"budget {cell.budget} at pretraining share {cell.share}: {cell.objective} would pretrain on less "
+                             f"than one batch of {pretrain['batch_size']} at the same FLOPs ({per_image:.3g} FLOPs per image "
+                             f"against {fine_flops:.3g} for fine-tuning). Raise the budget or lower the pretraining batch.")  # fmt: skip
+        cells[cells.index(cell)] = Cell(cell.arm, cell.objective, cell.share, cell.budget, batches * pretrain["batch_size"],
+                                        cell.finetune_images)  # fmt: skip
     return cells
 
 
-def budget_pretrainings(study: Study, plan: list[tuple[str, int, int]]) -> dict[int, str]:
-    """Pretraining images -> checkpoint: one masked-patch pretraining per size, shared by seeds and label fractions."""
-    pretrain, _ = resolved(study, "masked_patch")
+def budget_pretrainings(study: Study, plan: list[Cell]) -> dict[tuple[str, int], str]:
+    """(objective, pretraining images) -> checkpoint: one pretraining per objective and size, shared by seeds and
+    label fractions."""
     checkpoints = {}
-    for _, pre, _ in plan:
-        if pre and pre not in checkpoints:
-            argv = [*flags(study.base), "--objective", "masked_patch", "--fewshot_steps", "0",
-                    *flags(with_steps({**study.pretrain, **study.masked_patch}, pretrain, pre // pretrain["batch_size"]))]  # fmt: skip
-            checkpoints[pre] = run_once(argv, Path(study.output_dir) / "runs" / f"pretrain_masked_patch_{pre}")["checkpoint"]
+    for cell in plan:
+        key = (cell.objective, cell.pretrain_images)
+        if cell.objective and key not in checkpoints:
+            pretrain, _ = resolved(study, cell.objective)
+            argv = pretraining_argv(study, cell.objective, cell.pretrain_images // pretrain["batch_size"])
+            checkpoints[key] = run_once(argv, Path(study.output_dir) / "runs" / f"pretrain_{cell.objective}_{cell.pretrain_images}")["checkpoint"]
     return checkpoints
 
 
 def run_budget_study(study: Study) -> list[dict]:
-    """Compute on the x-axis (the paper's Figure 5 is the model): scratch and masked patch at the same total
-    budgets of images processed, masked patch splitting each budget between pretraining and fine-tuning in
-    several ways. The report pairs each masked-patch cell by seed with scratch at the same total and, where the
-    grid has it, scratch with the same fine-tuning images."""
+    """Compute on the x-axis (the paper's Figure 5 is the model): scratch and every objective at the same total
+    training FLOPs, each objective splitting each budget between pretraining and fine-tuning in one or more ways.
+    The report pairs each cell by seed with scratch at the same budget and, where the grid has it, scratch with the
+    same fine-tuning images."""
     root = Path(study.output_dir)
     plan = budget_plan(study)
-    _, finetune = resolved(study, "masked_patch")
+    _, finetune = resolved(study, first_objective(study))
     checkpoints = budget_pretrainings(study, plan)
     flops = {}
     rows = []
     for seed in study.seeds:  # seed by seed, so that a partial study already has whole curves
         for fraction in study.label_fractions:
-            for arm, pre, fine in plan:
-                init = ["--init", checkpoints[pre]] if pre else []
+            for cell in plan:
+                pre, fine = cell.pretrain_images, cell.finetune_images
+                init = ["--init", checkpoints[(cell.objective, pre)]] if cell.objective else []
                 argv = [*flags(study.base), *init, *flags(with_steps(study.finetune, finetune, fine // finetune["batch_size"])),
                         "--label_fraction", str(fraction), "--seed", str(seed), "--fewshot_steps", "0"]  # fmt: skip
-                run_dir = root / "runs" / f"finetune_{arm}_images{pre + fine}_frac{fraction}_seed{seed}"
+                run_dir = root / "runs" / f"finetune_{cell.arm}_images{pre + fine}_frac{fraction}_seed{seed}"
                 result = run_once(argv, run_dir, defaults=preset("finetune"))
-                for key, folder in (("finetune", run_dir), ("pretrain", root / "runs" / f"pretrain_masked_patch_{pre}")):
-                    if key not in flops and folder.exists():
+                pretrained = root / "runs" / f"pretrain_{cell.objective}_{pre}"
+                for key, folder in (("finetune", run_dir), (cell.objective, pretrained)):
+                    if key and key not in flops and folder.exists():
                         flops[key] = flops_per_image(folder)
-                rows.append({"kind": "budget", "arm": arm, "label_fraction": fraction, "seed": seed, "images": pre + fine,
+                rows.append({"kind": "budget", "arm": cell.arm, "objective": cell.objective or "", "share": cell.share,
+                             "budget": cell.budget, "label_fraction": fraction, "seed": seed, "images": pre + fine,
                              "pretrain_images": pre, "finetune_images": fine,
-                             "flops": fine * flops["finetune"] + (pre * flops["pretrain"] if pre else 0),
+                             "flops": fine * flops["finetune"] + (pre * flops[cell.objective] if cell.objective else 0),
                              "top1": result.get("test/top1", result["val/top1"]), "val_top1": result["val/top1"],
                              "split": "test" if "test/top1" in result else "val"})  # fmt: skip
                 write_budget_report(rows, root)
@@ -236,15 +293,13 @@ def run_study(study: Study) -> list[dict]:
     from ssvit.models import build_timm_model
 
     root = Path(study.output_dir)
-    base = flags(study.base)
+    first = first_objective(study)
     pretrained = {}
-    pretrainings = {"supervised": study.supervised, "masked_patch": study.masked_patch,
-                    **{f"masked_patch_{k}": {**study.masked_patch, **v} for k, v in study.ablations.items()}}  # fmt: skip
-    for name, extra in pretrainings.items():
-        if name not in study.arms and not name.startswith("masked_patch_"):
-            continue
-        objective = "supervised" if name == "supervised" else "masked_patch"
-        result = run_once([*base, "--objective", objective, *flags({**study.pretrain, **extra})], root / "runs" / f"pretrain_{name}")
+    # name -> (objective, its extra flags): the arms' pretrainings, then the ablations of the first objective.
+    pretrainings = {name: (name, {}) for name in ("supervised", *study.objectives) if name in study.arm_names()}
+    pretrainings |= {f"{first}_{k}": (first, v) for k, v in study.ablations.items()}
+    for name, (objective, extra) in pretrainings.items():
+        result = run_once(pretraining_argv(study, objective, extra=extra), root / "runs" / f"pretrain_{name}")
         pretrained[name] = Path(result["checkpoint"])
 
     rows = []
@@ -259,13 +314,13 @@ def run_study(study: Study) -> list[dict]:
             done.write_text(json.dumps(row, indent=2) + "\n")
         rows.append(json.loads(done.read_text()))
 
-    for arm in (a for a in ARMS if a in study.arms):
+    for arm in study.arm_names():
         for fraction in study.label_fractions:
             if arm == "scratch_matched" and fraction >= 1:
                 continue  # with all labels, the supervised arm is scratch with the same compute
             for seed in study.seeds:
                 rows.append(finetune_row(study, arm, fraction, seed, pretrained, rows))
-    write_report(rows, root)
+    write_report(rows, root, study.arm_names())
     return rows
 
 
@@ -300,32 +355,34 @@ def write_budget_report(rows: list[dict], root: Path) -> None:
 
     write_csv(rows, root / "results.csv")
     split = rows[0]["split"]
-    by = lambda arm, fraction, images, key="top1": {r["seed"]: r[key] for r in rows  # noqa: E731
-                                                    if (r["arm"], r["label_fraction"], r["images"]) == (arm, fraction, images)}  # fmt: skip
+    by = lambda arm, fraction, budget, key="top1": {r["seed"]: r[key] for r in rows  # noqa: E731
+                                                    if (r["arm"], r["label_fraction"], r["budget"]) == (arm, fraction, budget)}  # fmt: skip
     lines = [f"Fine-tuning top-1 on the {split} split (validation beside it), mean ± 95% CI over seeds; gains paired by seed "
-             f"against scratch with the same total images, and with the same fine-tuning images where the grid has it.", "",
-             f"| arm | label fraction | total images | pretraining + fine-tuning images | total FLOPs | {split} top-1 "
-             f"| validation top-1 | minus scratch (same total) | minus scratch (same fine-tuning images) | seeds |",
+             f"against scratch at the same budget (the same training FLOPs), and with the same fine-tuning images where the "
+             f"grid has it.", "",
+             f"| arm | label fraction | budget | pretraining + fine-tuning images | total FLOPs | {split} top-1 "
+             f"| validation top-1 | minus scratch (same FLOPs) | minus scratch (same fine-tuning images) | seeds |",
              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    cells = list(dict.fromkeys((r["arm"], r["label_fraction"], r["images"], r["pretrain_images"], r["finetune_images"]) for r in rows))
+    cells = {(r["arm"], r["label_fraction"], r["budget"]): r for r in rows}
     fractions = sorted({c[1] for c in cells})
     fig, axes = plt.subplots(1, len(fractions), figsize=(5 * len(fractions), 4), squeeze=False)
     panels = dict(zip(fractions, axes[0]))
     curves = {}
-    for arm, fraction, images, pre, fine in sorted(cells, key=lambda c: (c[1], c[0] != "scratch", c[0], c[2])):
-        top1 = by(arm, fraction, images)
+    for (arm, fraction, budget), r in sorted(cells.items(), key=lambda c: (c[0][1], c[0][0] != "scratch", c[0][0], c[0][2])):
+        top1 = by(arm, fraction, budget)
         mean, ci = statistics.mean(top1.values()), confidence_interval(list(top1.values()))
-        flops = statistics.mean(r["flops"] for r in rows if (r["arm"], r["label_fraction"], r["images"]) == (arm, fraction, images))
-        gains = [paired_difference(top1, by("scratch", fraction, ref)) if arm != "scratch" else None for ref in (images, fine)]
+        flops = statistics.mean(x["flops"] for x in rows if (x["arm"], x["label_fraction"], x["budget"]) == (arm, fraction, budget))
+        fine = r["finetune_images"]
+        gains = [paired_difference(top1, by("scratch", fraction, ref)) if arm != "scratch" else None for ref in (budget, fine)]
         gains = [f"{g[0]:+.2%} ± {g[1]:.2%}" if g else "" for g in gains]
         spread = "" if math.isnan(ci) else f" ± {ci:.2%}"  # one seed has no interval
-        lines.append(f"| {arm} | {fraction:g} | {images:,} | {pre:,} + {fine:,} | {flops:.3g} | {mean:.2%}{spread} | "
-                     f"{statistics.mean(by(arm, fraction, images, 'val_top1').values()):.2%} | {gains[0]} | {gains[1]} | {len(top1)} |")  # fmt: skip
-        curves.setdefault((arm, fraction), []).append((flops, mean, 0 if math.isnan(ci) else ci))
-    for (arm, fraction), points in curves.items():
+        lines.append(f"| {arm} | {fraction:g} | {budget:,} | {r['pretrain_images']:,} + {fine:,} | {flops:.3g} | {mean:.2%}{spread} | "
+                     f"{statistics.mean(by(arm, fraction, budget, 'val_top1').values()):.2%} | {gains[0]} | {gains[1]} | {len(top1)} |")  # fmt: skip
+        label = arm if not r["objective"] else f"{r['objective']}, {r['share']:.0%} of the budget pretraining"
+        curves.setdefault((label, fraction), []).append((flops, mean, 0 if math.isnan(ci) else ci))
+    for (label, fraction), points in curves.items():
         xs, ys, cis = zip(*points)
-        panels[fraction].errorbar(xs, ys, yerr=cis, marker="o", capsize=3, label=arm if arm == "scratch" else
-                                  f"masked patch, {float(arm.removeprefix('masked_patch')):.0%} of the budget pretraining")  # fmt: skip
+        panels[fraction].errorbar(xs, ys, yerr=cis, marker="o", capsize=3, label=label)
     for fraction, ax in panels.items():
         ax.set(xscale="log", xlabel="total training compute (FLOPs, pretraining + fine-tuning)", ylabel=f"{split} top-1",
                title=f"{fraction:.0%} of the labels")  # fmt: skip
@@ -336,7 +393,7 @@ def write_budget_report(rows: list[dict], root: Path) -> None:
     (root / "results.md").write_text("\n".join(lines) + "\n")
 
 
-def write_report(rows: list[dict], root: Path) -> None:
+def write_report(rows: list[dict], root: Path, arms: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -350,7 +407,7 @@ def write_report(rows: list[dict], root: Path) -> None:
              f"| minus scratch (same images) | seeds |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     fractions = sorted({r["label_fraction"] for r in rows if r["kind"] == "finetune"})
     series = {}
-    for arm in ARMS:
+    for arm in arms:
         for fraction in fractions:
             top1 = top1_by_seed(rows, arm, fraction)
             if not top1:

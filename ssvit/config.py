@@ -127,7 +127,8 @@ class TrainConfig:
     """Few-shot linear accuracy (paper section 4.1) on the validation split every N steps; None: at the end only;
     0: never. The paper chose its masked-patch design by this metric."""
     fewshot_representation: Literal["auto", "cls", "mean", "prelogits"] = "auto"
-    """Frozen features for few-shot: auto = mean patch token for masked_patch, pre-logits otherwise."""
+    """Frozen features for few-shot: auto = the objective's own (the mean patch token for the masked-image objectives,
+    whose class token gets no loss), pre-logits otherwise."""
     save_steps: int = 100
     save_total_limit: int = 2
     """How many step checkpoints to keep (oldest removed first)."""

@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from ssvit.compare import confidence_interval, main, paired_difference
+from ssvit.compare import confidence_interval, flops_per_image, main, paired_difference
 from ssvit.errors import UsageError
 
 from conftest import TINY_VIT
@@ -78,26 +78,35 @@ def test_budget_study_runs_every_cell_at_its_total_and_pairs_gains(tmp_path):
         "seeds": [0, 1],
         "budgets": [32, 64],
         "pretrain_shares": [0.5, 0.75],
+        "objectives": {"masked_patch": {}, "mae": {"adam_beta2": 0.95, "mae.decoder_embed_dim": 16, "mae.decoder_num_heads": 2}},
     }  # fmt: skip
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump(study))
     rows = main(["--config", str(config)])
     root = tmp_path / "study"
-    assert len(rows) == 2 * 3 * 2  # budgets x (scratch + 2 shares) x seeds
+    assert len(rows) == 2 * (1 + 2 * 2) * 2  # budgets x (scratch + 2 objectives x 2 shares) x seeds
     for r in rows:
         assert r["pretrain_images"] + r["finetune_images"] == r["images"] and r["split"] == "test"
         steps = json.loads((root / f"runs/finetune_{r['arm']}_images{r['images']}_frac0.5_seed{r['seed']}/results.json").read_text())["steps"]
         assert steps == r["finetune_images"] // 8
-    pretrainings = {p.name: json.loads((p / "results.json").read_text())["steps"] for p in root.glob("runs/pretrain_*")}
-    assert pretrainings == {"pretrain_masked_patch_16": 2, "pretrain_masked_patch_24": 3, "pretrain_masked_patch_32": 4, "pretrain_masked_patch_48": 6}
-    warmups = yaml.safe_load((root / "runs/pretrain_masked_patch_48/config.yaml").read_text())["warmup_steps"]
-    assert warmups == round(2 * 6 / 10)  # the warmup keeps its share of the schedule
+    # Budgets are matched in FLOPs: an objective's pretraining gets the share of scratch's fine-tuning FLOPs, in
+    # whole batches of its own images (MAE's encoder sees a quarter of the tokens: more images for the same FLOPs).
+    per_image = {o: flops_per_image(root / f"runs/pretrain_{o}_{next(r['pretrain_images'] for r in rows if r['objective'] == o)}")
+                 for o in ("masked_patch", "mae")}  # fmt: skip
+    scratch = {r["budget"]: r["flops"] for r in rows if r["arm"] == "scratch"}
+    for r in (r for r in rows if r["objective"]):
+        assert r["pretrain_images"] == 8 * round(r["share"] * scratch[r["budget"]] / per_image[r["objective"]] / 8)
+        assert abs(r["flops"] - scratch[r["budget"]]) <= 4 * per_image[r["objective"]] * (1 + 1e-9)  # within half a batch
+    assert max(r["pretrain_images"] for r in rows if r["objective"] == "mae") > max(r["pretrain_images"] for r in rows if r["objective"] == "masked_patch")
+    pretrain = root / f"runs/pretrain_masked_patch_{max(r['pretrain_images'] for r in rows if r['objective'] == 'masked_patch')}"
+    steps = yaml.safe_load((pretrain / "config.yaml").read_text())["max_steps"]
+    assert yaml.safe_load((pretrain / "config.yaml").read_text())["warmup_steps"] == round(2 * steps / 10)  # the warmup's share
+    assert yaml.safe_load((root / f"runs/pretrain_mae_{max(r['pretrain_images'] for r in rows if r['objective'] == 'mae')}/config.yaml").read_text())["adam_beta2"] == 0.95
     # FLOPs are counted per image of each objective: twice the images, twice the FLOPs.
-    scratch = {r["images"]: r["flops"] for r in rows if r["arm"] == "scratch"}
     assert scratch[64] == 2 * scratch[32] > 0
     assert all(r["flops"] > 0 for r in rows)
     report = (root / "results.md").read_text()
-    assert "minus scratch (same total)" in report
+    assert "minus scratch (same FLOPs)" in report
     line = next(l for l in report.splitlines() if l.startswith("| masked_patch0.5 | 0.5 | 64 |"))
     assert line.split("|")[-3].strip()  # same fine-tuning images (32) is in the grid: a paired gain is reported
     assert (root / "accuracy_vs_compute.png").stat().st_size > 0
@@ -113,7 +122,7 @@ def test_budget_study_refuses_a_split_that_is_not_whole_batches_before_any_run(t
     config.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "study"), "base": {"data": "synthetic:100"},
                                       "pretrain": {"batch_size": 8}, "finetune": {"batch_size": 8},
                                       "budgets": [40], "pretrain_shares": [0.5]}))  # fmt: skip
-    with pytest.raises(UsageError, match="20 pretraining images are not a whole number of batches of 8"):
+    with pytest.raises(UsageError, match="20 fine-tuning images are not a whole number of batches of 8"):
         main(["--config", str(config)])
     config.write_text(config.read_text().replace("budgets:\n- 40", "budgets:\n- 64").replace("- 0.5", "- 1.0"))
     with pytest.raises(UsageError, match="pretrain_shares: 1.0 is not a share"):

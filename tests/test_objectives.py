@@ -145,12 +145,7 @@ def test_the_new_objectives_end_like_the_quick_start(tmp_path, name, capsys):
 LIBRARY = sorted((ROOT / "ssvit").glob("*.py"))
 
 
-@pytest.mark.parametrize(
-    "path",
-    [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="compare.py's arms are still masked patch's (issue 21)"))
-     if p.name == "compare.py" else p for p in LIBRARY],
-    ids=lambda p: p.name,
-)  # fmt: skip
+@pytest.mark.parametrize("path", LIBRARY, ids=lambda p: p.name)
 def test_no_objective_name_in_the_library_logic(path):
     """What ssvit/ needs of an objective is a class attribute (objectives/base.py), never a test of its name: a new
     objective is one file. Checked: comparisons and startswith/endswith/removeprefix with a name in them

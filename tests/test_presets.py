@@ -88,11 +88,13 @@ def run_study_preset(study: dict, tmp_path) -> None:
     config.write_text(yaml.safe_dump(tiny_study))
     rows = compare.main(["--config", str(config)])
     if study.get("budgets"):
-        assert {r["arm"] for r in rows} == {"scratch", *(f"masked_patch{s:g}" for s in study["pretrain_shares"])}
-        assert {r["images"] for r in rows} == {32} and (tmp_path / "study/accuracy_vs_compute.png").exists()
+        arms = {f"{o}{s:g}" for o in study.get("objectives", {"masked_patch": {}}) for s in study["pretrain_shares"]}
+        assert {r["arm"] for r in rows} == {"scratch", *arms}
+        assert {r["budget"] for r in rows} == {32} and (tmp_path / "study/accuracy_vs_compute.png").exists()
         return
     arms = {r["arm"] for r in rows if r["kind"] == "finetune"}
-    assert arms == set(study.get("arms", compare.ARMS)) - ({"scratch_matched"} if tiny_study["label_fractions"] == [1.0] else set())
+    expected = compare.Study(**{k: v for k, v in tiny_study.items() if k in compare.Study.__dataclass_fields__}).arm_names()
+    assert arms == set(expected) - ({"scratch_matched"} if tiny_study["label_fractions"] == [1.0] else set())
     assert (tmp_path / "study/results.md").exists()
 
 
