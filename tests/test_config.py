@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import objectives
 from ssvit.config import parse
 from ssvit.errors import UsageError
 
@@ -23,7 +24,7 @@ def test_defaults_are_the_quick_start():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_preset_parses(path):
     run = parse(["--config", str(path)])
-    assert run.train.objective in ("masked_patch", "supervised")
+    assert run.train.objective in objectives.OBJECTIVES
 
 
 def test_command_line_overrides_config_and_nested_objective_options():
@@ -56,8 +57,8 @@ def test_unknown_flag_and_wrong_type_are_errors():
 
 
 def test_unknown_objective_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="masked_patch.*supervised"):
-        parse(["--objective", "mae"])
+    with pytest.raises(ValueError, match="Unknown objective 'rotaton'.*mae, masked_patch, simmim, supervised"):
+        parse(["--objective", "rotaton"])
 
 
 def test_dumped_config_reproduces_the_run(tmp_path):
@@ -79,11 +80,13 @@ def test_every_study_preset_parses_and_its_runs_take_valid_flags(path):
     p.add_argument("--config", action=ActionConfigFile)
     p.add_class_arguments(Study)
     study = Study(**{k: v for k, v in vars(p.parse_args(["--config", str(path)])).items() if k in Study.__dataclass_fields__})
-    parse([*flags(study.base), *flags({**study.pretrain, **study.masked_patch})])
+    for name, extra in study.objectives.items():
+        parse([*flags(study.base), "--objective", name, *flags({**study.pretrain, **extra})])
     parse([*flags(study.base), "--objective", "supervised", *flags({**study.pretrain, **study.supervised})])
     parse([*flags(study.base), *flags(study.finetune)])
+    first = next(iter(study.objectives))
     for extra in study.ablations.values():
-        parse([*flags(study.base), *flags({**study.pretrain, **extra})])
+        parse([*flags(study.base), "--objective", first, *flags({**study.pretrain, **study.objectives[first], **extra})])
 
 
 @pytest.mark.parametrize("script", ["pretrain", "finetune", "compare", "evaluate", "export", "figures", "bench"])

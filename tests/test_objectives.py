@@ -142,7 +142,8 @@ def test_the_new_objectives_end_like_the_quick_start(tmp_path, name, capsys):
     assert "val/fewshot_5shot" in result  # frozen features through the objective's representation
 
 
-LIBRARY = sorted((ROOT / "ssvit").glob("*.py"))
+# bench.py is left out: its peers are other libraries' implementations of named objectives (transformers' MAE).
+LIBRARY = sorted(p for p in (ROOT / "ssvit").glob("*.py") if p.name != "bench.py")
 
 
 @pytest.mark.parametrize("path", LIBRARY, ids=lambda p: p.name)

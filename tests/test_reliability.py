@@ -123,7 +123,7 @@ def wait_for_step(run_dir, step: int, proc, timeout: float = 120) -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_checkpoints_the_current_step_and_resume_gives_the_same_losses(tmp_path, sig):
-    common = ["--max_steps", "150", "--save_steps", "1000", "--dataloader_num_workers", "1"]
+    common = ["--max_steps", "60", "--save_steps", "1000", "--dataloader_num_workers", "1"]
     main(tiny_args(tmp_path / "straight", *common))
     reference = losses(tmp_path / "straight/run")
 
@@ -137,13 +137,13 @@ def test_a_signal_checkpoints_the_current_step_and_resume_gives_the_same_losses(
     lines = err.strip().splitlines()
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     stopped_at = max(losses(run_dir))
-    assert stopped_at < 150
+    assert stopped_at < 60
     ckpt = run_dir / f"checkpoints/step_{stopped_at:06d}"
     assert lines[-1].startswith(f"ssvit-pretrain: stopped by {sig.name} at step {stopped_at}: checkpoint {ckpt}")
     assert "--resume" in lines[-1] and ckpt.is_dir() and not (run_dir / "run.lock").exists()
 
     result = main([*args, "--resume"])
-    assert result["steps"] == 150
+    assert result["steps"] == 60
     assert losses(run_dir) == reference  # exact in fp32 on CPU, every step logged once
 
 
@@ -222,10 +222,9 @@ def test_a_config_file_with_a_yaml_error_or_an_unknown_key_is_named_in_one_line(
     proc = subprocess.run([PYTHON, "-m", "ssvit.pretrain", "--config", str(bad)], cwd=tmp_path, env=subprocess_env(),
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    proc = subprocess.run([PYTHON, "-m", "ssvit.pretrain", "--max_stepz", "3"], cwd=tmp_path, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert "max_stepz" in proc.stderr and "--help" in proc.stderr
+    with pytest.raises(UsageError) as unknown_flag:  # one line, naming the flag and --help (the CLI prints it as above)
+        parse(["--max_stepz", "3"])
+    assert len(str(unknown_flag.value).splitlines()) == 1 and "max_stepz" in str(unknown_flag.value) and "--help" in str(unknown_flag.value)
 
 
 def test_a_corrupt_row_while_streaming_is_one_line_without_the_worker_traceback(tmp_path):
