@@ -184,7 +184,8 @@ class PixelReconstruction(Objective):
     classifier_pooling = {"global_pool": "avg", "fc_norm": False}
 
     def step_output(self, loss: torch.Tensor, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> StepOutput:
-        r2 = explained(pred, target, mask)
+        with torch.no_grad():  # a metric: no graph kept for it
+            r2 = explained(pred.detach(), target, mask)
         outputs = {"loss": loss.detach().expand(len(pred)), "r2": r2.detach()}
         if not self.training:
             outputs |= {"pred": pred.detach(), "mask": mask}

@@ -421,16 +421,27 @@ class StopSignals:
 
 
 def resume_command(state: State) -> str:
-    script = "finetune" if state.cfg.init and Path(sys.argv[0]).stem == "finetune" else "pretrain"
-    return f"accelerate launch ssvit/{script}.py --config {state.output_dir / 'config.yaml'} --resume"
+    """The command that continues this run: pretrain.py or finetune.py with the run's config.yaml and --resume; for
+    a run started by another command (a study), that command again (its finished runs are kept, this one resumes)."""
+    script = Path(sys.argv[0]).stem.removeprefix("ssvit-")
+    config = state.output_dir / "config.yaml"
+    if script == "pretrain":
+        return f"accelerate launch ssvit/pretrain.py --config {config} --resume"
+    if script == "finetune":  # finetune.py takes its architecture from --init before it reads the config
+        return f"accelerate launch ssvit/finetune.py --init {state.cfg.init} --config {config} --resume"
+    return "the same command again (this run resumes from its checkpoint)"
 
 
 def stop_here(state: State, signum: int, images: Optional[torch.Tensor], labels: Optional[torch.Tensor]) -> None:
     """Checkpoint the step just finished (unless it was just written) and raise Interrupted with the way back."""
     name = signal.Signals(signum).name
     if state.step == state.start_step:
-        raise Interrupted(f"stopped by {name} before the first step: nothing was trained or written. Run the same "
-                          f"command again.", signum)  # fmt: skip
+        if state.start_step == 0 and state.accelerator.is_main_process:  # what setup wrote, so that the same command runs
+            (state.output_dir / "config.yaml").unlink(missing_ok=True)
+            metrics = state.output_dir / "metrics.jsonl"
+            if metrics.exists() and not metrics.read_text().strip():
+                metrics.unlink()
+        raise Interrupted(f"stopped by {name} before the first step: nothing was trained. Run the same command again.", signum)
     latest = state.output_dir / "checkpoints" / f"step_{state.step:06d}"
     if state.last_checkpoint != latest:
         check_savable(state, images, labels)

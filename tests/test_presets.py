@@ -88,13 +88,13 @@ def run_study_preset(study: dict, tmp_path) -> None:
     }
     for name, extra in tiny_study["ablations"].items():
         tiny_study["ablations"][name] = {**extra, **{k: TINY[k] for k in ("max_steps", "warmup_steps") if k in extra}}
-    if study.get("budgets"):  # compute on the x-axis: one budget of 32 images, whole batches of 8 at every share
-        tiny_study["budgets"] = [32]
+    if study.get("budgets"):  # compute on the x-axis: one budget of 32 images and one share, whole batches of 8
+        tiny_study["budgets"], tiny_study["pretrain_shares"] = [32], study["pretrain_shares"][:1]
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump(tiny_study))
     rows = compare.main(["--config", str(config)])
     if study.get("budgets"):
-        arms = {f"{o}{s:g}" for o in study.get("objectives", {"masked_patch": {}}) for s in study["pretrain_shares"]}
+        arms = {f"{o}{s:g}" for o in study.get("objectives", {"masked_patch": {}}) for s in tiny_study["pretrain_shares"]}
         assert {r["arm"] for r in rows} == {"scratch", *arms}
         assert {r["budget"] for r in rows} == {32} and (tmp_path / "study/accuracy_vs_compute.png").exists()
         return

@@ -171,9 +171,26 @@ def test_a_signal_in_process_raises_interrupted_with_the_resume_line(tmp_path, m
         return out
 
     monkeypatch.setattr(ssvit.train, "train_step", step_then_signal)
-    with pytest.raises(Interrupted, match=r"stopped by SIGTERM at step 2: checkpoint .*step_000002.*--resume"):
+    with pytest.raises(Interrupted, match=r"stopped by SIGTERM at step 2: checkpoint .*step_000002. Resume with: "):
         main(tiny_args(tmp_path, "--max_steps", "50"))
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the run's only
+
+
+def test_a_signal_before_the_first_step_leaves_the_folder_for_the_same_command(tmp_path, monkeypatch):
+    import ssvit.train
+
+    real = ssvit.train.setup
+
+    def setup_then_signal(*a, **k):  # e.g. Ctrl-C while a large data set is decoded into the cache
+        state = real(*a, **k)
+        os.kill(os.getpid(), signal.SIGINT)
+        return state
+
+    monkeypatch.setattr(ssvit.train, "setup", setup_then_signal)
+    with pytest.raises(Interrupted, match="stopped by SIGINT before the first step: nothing was trained"):
+        main(tiny_args(tmp_path, "--max_steps", "2"))
+    monkeypatch.setattr(ssvit.train, "setup", real)
+    assert main(tiny_args(tmp_path, "--max_steps", "2"))["steps"] == 2  # not refused as "holds another run"
 
 
 # ---- numbers out of range ---------------------------------------------------------------------------------------
