@@ -34,6 +34,13 @@ def mlp_tanh_head(dim: int, out_dim: int, hidden_dim: Optional[int] = None) -> n
     return nn.Sequential(nn.Linear(dim, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, out_dim))
 
 
+def check_ranges(objective: str, rows: list[tuple[str, object, bool, str]]) -> None:
+    """Refuse the first option out of its range: rows of (option, value, within range, the range in words)."""
+    for name, value, ok, rule in rows:
+        if not ok:
+            raise UsageError(f"--{objective}.{name} {value}: must be {rule}.")
+
+
 class PatchTokens:
     """The token-level view of a timm VisionTransformer (hybrid R50+ViT included) that patch objectives share, made
     of the backbone's public modules only, so that the backbone stays a plain timm model that exports unchanged:

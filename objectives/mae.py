@@ -23,7 +23,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from objectives import register
-from objectives.base import PatchTokens, PixelReconstruction, StepOutput, patchify, save_reconstructions
+from objectives.base import PatchTokens, PixelReconstruction, StepOutput, check_ranges, patchify, save_reconstructions
 from ssvit.errors import UsageError
 
 
@@ -73,16 +73,14 @@ class MAE(PixelReconstruction):
     @classmethod
     def check_options(cls, cfg, options: Options) -> None:
         o = options
-        for name, value, ok, rule in [
+        check_ranges("mae", [
             ("mask_ratio", o.mask_ratio, 0 < o.mask_ratio < 1, "in (0, 1) (paper: 0.75)"),
             ("decoder_embed_dim", o.decoder_embed_dim, o.decoder_embed_dim >= 4 and o.decoder_embed_dim % 4 == 0,
              "a multiple of 4, for the 2-D sine-cosine positions (paper: 512)"),
             ("decoder_depth", o.decoder_depth, o.decoder_depth >= 1, "1 or more blocks (paper: 8)"),
             ("decoder_num_heads", o.decoder_num_heads, o.decoder_num_heads >= 1, "1 or more (paper: 16)"),
             ("mosaic_images", o.mosaic_images, o.mosaic_images >= 0, "0 (no figure) or more images"),
-        ]:  # fmt: skip
-            if not ok:
-                raise UsageError(f"--mae.{name} {value}: must be {rule}.")
+        ])  # fmt: skip
         if o.decoder_embed_dim % o.decoder_num_heads:
             raise UsageError(f"--mae.decoder_embed_dim {o.decoder_embed_dim} is not divisible by --mae.decoder_num_heads "
                              f"{o.decoder_num_heads}: choose a width that is a multiple of the heads (paper: 512 and 16).")  # fmt: skip

@@ -21,7 +21,7 @@ from einops import rearrange, reduce, repeat
 from torch import nn
 
 from objectives import register
-from objectives.base import Objective, PatchTokens, StepOutput, mlp_tanh_head
+from objectives.base import Objective, PatchTokens, StepOutput, check_ranges, mlp_tanh_head
 from ssvit.errors import UsageError
 
 
@@ -156,13 +156,11 @@ class MaskedPatch(Objective):
             raise UsageError(f"--masked_patch.mask_ratio {o.mask_ratio}: the share of patches corrupted must be in (0, 1] (paper: 0.5).")
         if o.mask_token_prob < 0 or o.random_patch_prob < 0 or o.mask_token_prob + o.random_patch_prob > 1:
             raise UsageError("--masked_patch.mask_token_prob and random_patch_prob must be >= 0 and sum to at most 1 (paper: 0.8, 0.1).")
-        for name, value, ok, rule in [
+        check_ranges("masked_patch", [
             ("bits", o.bits, 1 <= o.bits <= 8, "1 to 8 bits per channel (paper: 3, i.e. 512 colour classes)"),
             ("grid", o.grid, o.grid >= 1, "1 or more cells per side (paper: 4)"),
             ("mosaic_images", o.mosaic_images, o.mosaic_images >= 0, "0 (no figure) or more images"),
-        ]:  # fmt: skip
-            if not ok:
-                raise UsageError(f"--masked_patch.{name} {value}: must be {rule}.")
+        ])  # fmt: skip
         # Patches per image, when the name or model_kwargs say the patch size (timm names: ..._patch16_..., hybrids _s16_).
         found = re.search(r"patch(\d+)|_s(\d+)_", cfg.model)
         patch = (cfg.model_kwargs or {}).get("patch_size") or (found and int(found.group(1) or found.group(2)))

@@ -20,7 +20,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 from objectives import register
-from objectives.base import PatchTokens, PixelReconstruction, StepOutput, patchify, save_reconstructions
+from objectives.base import PatchTokens, PixelReconstruction, StepOutput, check_ranges, patchify, save_reconstructions
 from ssvit.errors import UsageError
 
 
@@ -55,13 +55,11 @@ class SimMIM(PixelReconstruction):
     @classmethod
     def check_options(cls, cfg, options: Options) -> None:
         o = options
-        for name, value, ok, rule in [
+        check_ranges("simmim", [
             ("mask_ratio", o.mask_ratio, 0 < o.mask_ratio < 1, "in (0, 1) (paper: 0.6)"),
             ("mask_patch_size", o.mask_patch_size, o.mask_patch_size is None or o.mask_patch_size >= 1, "1 or more pixels, or null"),
             ("mosaic_images", o.mosaic_images, o.mosaic_images >= 0, "0 (no figure) or more images"),
-        ]:  # fmt: skip
-            if not ok:
-                raise UsageError(f"--simmim.{name} {value}: must be {rule}.")
+        ])  # fmt: skip
 
     def __init__(self, backbone: nn.Module, num_classes: int, options: Options):
         super().__init__(backbone, num_classes, options)

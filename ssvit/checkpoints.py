@@ -277,8 +277,9 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, ema, 
         if final.exists():  # this run's own checkpoint of this step (claim_folder refuses to replace another's)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        # Rotation removes this run's older checkpoints only: none later than this step is touched.
-        for old in [p for p in checkpoints_in(output_dir) if int(p.name[5:]) < step][: -(keep - 1) or None]:
+        # Rotation keeps `keep` checkpoints with this one and removes only older ones: none later than it is touched.
+        older = [p for p in checkpoints_in(output_dir) if int(p.name[5:]) < step]
+        for old in older[: max(len(older) - (keep - 1), 0)]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final

@@ -212,31 +212,28 @@ def budget_plan(study: Study) -> list[Cell]:
     for share in study.pretrain_shares:
         if not 0 < share < 1:
             raise UsageError(f"pretrain_shares: {share} is not a share of a budget between 0 and 1 (scratch, share 0, always runs).")
-    first_objective(study)
     _, finetune = resolved(study, first_objective(study))
-    fine_flops = None
     cells = []
     for budget in study.budgets:
         cells.append(Cell("scratch", None, 0.0, budget, 0, budget))
-        for objective in study.objectives:
-            pretrain, _ = resolved(study, objective)
+        for share in study.pretrain_shares:
+            fine = budget - round(share * budget)
+            if fine % finetune["batch_size"]:
+                raise UsageError(f"budget {budget} at pretraining share {share}: {fine} fine-tuning images are not a whole "
+                                 f"number of batches of {finetune['batch_size']}. Choose budgets that are multiples of it.")  # fmt: skip
+    # FLOPs counted once every budget is known to fit: fine-tuning's, and each objective's pretraining's.
+    fine_flops = counted_flops([*flags(study.base), *flags(study.finetune)], defaults=preset("finetune"))
+    for objective in study.objectives:
+        per_image = counted_flops(pretraining_argv(study, objective))
+        batch = resolved(study, objective)[0]["batch_size"]
+        for budget in study.budgets:
             for share in study.pretrain_shares:
-                fine = budget - round(share * budget)
-                if fine % finetune["batch_size"]:
-                    raise UsageError(f"budget {budget} at pretraining share {share}: {fine} fine-tuning images are not a whole "
-                                     f"number of batches of {finetune['batch_size']}. Choose budgets that are multiples of it.")  # fmt: skip
-                cells.append(Cell(f"{objective}{share:g}", objective, share, budget, -1, fine))
-    for cell in [c for c in cells if c.objective]:  # FLOPs counted once every budget is known to fit
-        pretrain, _ = resolved(study, cell.objective)
-        fine_flops = fine_flops or counted_flops([*flags(study.base), *flags(study.finetune)], defaults=preset("finetune"))
-        per_image = counted_flops(pretraining_argv(study, cell.objective))
-        batches = round(cell.share * cell.budget * fine_flops / per_image / pretrain["batch_size"])
-        if batches < 1:
-            raise UsageError(f"budget {cell.budget} at pretraining share {cell.share}: {cell.objective} would pretrain on less "
-                             f"than one batch of {pretrain['batch_size']} at the same FLOPs ({per_image:.3g} FLOPs per image "
-                             f"against {fine_flops:.3g} for fine-tuning). Raise the budget or lower the pretraining batch.")  # fmt: skip
-        cells[cells.index(cell)] = Cell(cell.arm, cell.objective, cell.share, cell.budget, batches * pretrain["batch_size"],
-                                        cell.finetune_images)  # fmt: skip
+                batches = round(share * budget * fine_flops / per_image / batch)
+                if batches < 1:
+                    raise UsageError(f"budget {budget} at pretraining share {share}: {objective} would pretrain on less than "
+                                     f"one batch of {batch} at the same FLOPs ({per_image:.3g} FLOPs per image against "
+                                     f"{fine_flops:.3g} for fine-tuning). Raise the budget or lower the pretraining batch.")  # fmt: skip
+                cells.append(Cell(f"{objective}{share:g}", objective, share, budget, batches * batch, budget - round(share * budget)))
     return cells
 
 

@@ -412,12 +412,16 @@ class StopSignals:
         print(f"\n{signal.Signals(signum).name} received: finishing the current step and writing a checkpoint "
               f"(send it again to stop at once).", file=sys.stderr, flush=True)  # fmt: skip
 
-    def requested(self, accelerator: Accelerator) -> Optional[int]:
-        """The signal any process received (every process stops at the same step), or None."""
-        received = self.received or 0
-        if accelerator.num_processes > 1:
-            received = int(accelerator.reduce(torch.tensor([received], device=accelerator.device), reduction="max"))
-        return received or None
+    def requested(self, accelerator: Accelerator, step: int, every: int) -> Optional[int]:
+        """The signal received, or None. One process checks after every step; several share what any of them received
+        every `every` steps (the logging steps, where the loop already waits for the device), so that all stop at the
+        same step without an all-reduce and a device sync in every step."""
+        if accelerator.num_processes == 1:
+            return self.received
+        if step % every:
+            return None
+        received = accelerator.reduce(torch.tensor([self.received or 0], device=accelerator.device), reduction="max")
+        return int(received) or None
 
 
 def resume_command(state: State) -> str:
@@ -469,7 +473,7 @@ def loop(state: State, stop: Optional[StopSignals] = None) -> None:
     with tqdm(total=cfg.max_steps, initial=state.step, desc=cfg.objective, disable=not accelerator.is_local_main_process) as bar:
         state.model.train()
         window, images, labels = Window(), None, None
-        if state.step < cfg.max_steps and (signum := stop.requested(accelerator)):
+        if state.step < cfg.max_steps and (signum := stop.requested(accelerator, 0, 1)):
             stop_here(state, signum, images, labels)
         while state.step < cfg.max_steps:
             epoch, offset = divmod(state.step, state.steps_per_epoch)
@@ -518,7 +522,7 @@ def loop(state: State, stop: Optional[StopSignals] = None) -> None:
                     window.start = time.perf_counter()  # evaluation and checkpoint time is not training throughput
                 if last:
                     break
-                if signum := stop.requested(accelerator):
+                if signum := stop.requested(accelerator, state.step, cfg.logging_steps):
                     stop_here(state, signum, images, labels)
 
 
