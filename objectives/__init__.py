@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from objectives.base import Objective, StepOutput
+from ssvit.objectives.base import Objective, StepOutput
 from ssvit.errors import UsageError
 
 OBJECTIVES: dict[str, type[Objective]] = {}

@@ -22,8 +22,8 @@ from timm.layers import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from objectives import register
-from objectives.base import PatchTokens, PixelReconstruction, StepOutput, check_ranges, patchify, save_reconstructions
+from ssvit.objectives import register
+from ssvit.objectives.base import PatchTokens, PixelReconstruction, StepOutput, check_ranges, patchify, save_reconstructions
 from ssvit.errors import UsageError
 
 
@@ -141,7 +141,7 @@ class MAE(PixelReconstruction):
 
     @torch.no_grad()
     def on_evaluate(self, images: torch.Tensor, out_dir: Path, step: int) -> Optional[Path]:
-        """The image, its masked input and the reconstruction (objectives.base.save_reconstructions). With
+        """The image, its masked input and the reconstruction (ssvit.objectives.base.save_reconstructions). With
         norm_pix_loss the predicted patches are given each true patch's mean and variance back, as the paper's
         figures show them."""
         images = images[: self.options.mosaic_images]

@@ -20,8 +20,8 @@ import torchmetrics
 from einops import rearrange, reduce, repeat
 from torch import nn
 
-from objectives import register
-from objectives.base import Objective, PatchTokens, StepOutput, check_ranges, mlp_tanh_head
+from ssvit.objectives import register
+from ssvit.objectives.base import Objective, PatchTokens, StepOutput, check_ranges, mlp_tanh_head
 from ssvit.errors import UsageError
 
 
@@ -172,7 +172,7 @@ class MaskedPatch(Objective):
     classifier_pooling = {"global_pool": "avg", "fc_norm": False}
     """A classifier reads the mean patch token (after the final norm, so the checkpoint's weights fit): masked patch
     prediction trains the patch tokens' outputs, never the class token's (App. B.1.2); on validation, fine-tuning
-    read the mean patch token better (README, "Which token fine-tuning reads")."""
+    read the mean patch token better (docs/studies.md, "Which token fine-tuning reads")."""
 
     def __init__(self, backbone: nn.Module, num_classes: int, options: Options):
         super().__init__(backbone, num_classes, options)

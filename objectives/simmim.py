@@ -19,8 +19,8 @@ import torch
 from einops import rearrange, repeat
 from torch import nn
 
-from objectives import register
-from objectives.base import PatchTokens, PixelReconstruction, StepOutput, check_ranges, patchify, save_reconstructions
+from ssvit.objectives import register
+from ssvit.objectives.base import PatchTokens, PixelReconstruction, StepOutput, check_ranges, patchify, save_reconstructions
 from ssvit.errors import UsageError
 
 
@@ -90,7 +90,7 @@ class SimMIM(PixelReconstruction):
 
     @torch.no_grad()
     def on_evaluate(self, images: torch.Tensor, out_dir: Path, step: int) -> Optional[Path]:
-        """The image, its masked input and the prediction on the masked blocks (objectives.base.save_reconstructions)."""
+        """The image, its masked input and the prediction on the masked blocks (ssvit.objectives.base.save_reconstructions)."""
         images = images[: self.options.mosaic_images]
         if len(images) == 0:
             return None

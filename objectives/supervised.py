@@ -12,8 +12,8 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import nn
 
-from objectives import register
-from objectives.base import Objective, StepOutput, mlp_tanh_head
+from ssvit.objectives import register
+from ssvit.objectives.base import Objective, StepOutput, mlp_tanh_head
 from ssvit.errors import UsageError
 
 

@@ -17,7 +17,6 @@ step (when transformers is installed: `pip install -e .[bench]`).
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import resource
@@ -25,16 +24,18 @@ import statistics
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from objectives import get as get_objective
+from ssvit.objectives import get as get_objective
 from ssvit.config import DEFAULT_MODEL_KWARGS, TrainConfig
 from ssvit.data import TensorImages, augmentation, synthetic_images
-from ssvit.errors import command
+from ssvit.cli import make_parser, parse_args
+from ssvit.errors import UsageError, command
 from ssvit.models import create_backbone, set_fused_attention
 from ssvit.train import make_optimizer, train_step
 
@@ -171,7 +172,8 @@ def ssvit_candidate(args, device, precision, images, labels, fused_optimizer, ob
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    # Accelerate keeps one precision per process; the benchmark measures several in one run.
+    # Accelerate keeps one precision per process; the benchmark measures several in one run. Accelerate has no
+    # public way to start its process-wide state again: _reset_state is what its own test utilities call.
     AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=device.type == "cpu")
     torch.manual_seed(0)
@@ -308,7 +310,7 @@ def end_to_end(args) -> dict:
     step, _, _ = ssvit_candidate(args, device, precision, images, labels, fused_optimizer)
     seconds, _ = time_steps(step, device, windows=args.windows, steps_per_window=args.logging_steps)
     bare = args.batch_size / seconds
-    AcceleratorState._reset_state(reset_partial_state=True)
+    AcceleratorState._reset_state(reset_partial_state=True)  # as above: no public reset exists
     with tempfile.TemporaryDirectory() as tmp:
         steps = args.logging_steps * (args.windows + 1)
         train(parse(["--objective", args.objective[0], "--model", args.model, "--model_kwargs", json.dumps(args.model_kwargs),
@@ -445,20 +447,20 @@ def pipeline(args) -> dict:
     from torch.utils.data import default_collate
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from ssvit.data import HFImages, _load_hf, collate
-    from ssvit.prepare import prepare
+    from ssvit.data import HFImages, collate, load_source
+    from ssvit.shards import prepare
     from ssvit.stream import streaming_splits
 
     torch.set_num_threads(1)
     size, n = args.img_size, args.images
-    folder = _load_hf(args.data)["train"].select(range(n))
+    folder = load_source(args.data)["train"]
     cases, loaders = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         prepare(args.data, tmp, max_side=args.max_side, workers=1, quiet=True, limit=n)
-        shards = _load_hf(f"parquet:{tmp}")["train"]
+        shards = load_source(f"parquet:{tmp}")["train"]
         timm_transform = create_transform(size, is_training=True, color_jitter=None)
-        for name, ds in (("folder", folder), ("shards", shards)):
-            ssvit = loaders[name] = HFImages(ds, "image", None, size, augment=augmentation(size, (0.08, 1.0)))
+        for name, ds, rows in (("folder", folder, range(min(n, len(folder)))), ("shards", shards, None)):
+            ssvit = loaders[name] = HFImages(ds, "image", None, size, augment=augmentation(size, (0.08, 1.0)), rows=rows)
             raw = [bytes(ssvit.encoded(i)) for i in range(len(ssvit))]
             # name: (fn, what it is called on: encoded images, batches of keys or the stream, how many images that is)
             cases[f"decode only (Pillow), {name}"] = (lambda b: Image.open(io.BytesIO(b)).convert("RGB").load()), raw, len(raw)
@@ -537,11 +539,9 @@ def format_report(report: dict) -> str:
 
 
 def run_command(argv=None) -> dict:
-    import yaml
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = make_parser("ssvit-bench", __doc__)
     p.add_argument("--model", default="vit_tiny_patch16_224")
-    p.add_argument("--model_kwargs", type=yaml.safe_load, default=DEFAULT_MODEL_KWARGS["vit_tiny_patch16_224"],
+    p.add_argument("--model_kwargs", type=Optional[dict], default=DEFAULT_MODEL_KWARGS["vit_tiny_patch16_224"],
                    help="default: the training default (ViT-Ti/4, 6 blocks)")
     p.add_argument("--img_size", type=int, default=32)
     p.add_argument("--objective", nargs="+", default=["masked_patch"],
@@ -551,24 +551,23 @@ def run_command(argv=None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--windows", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks of ssvit and timm")
-    p.add_argument("--fused_attn", type=yaml.safe_load, default=None, help="ssvit's attention path (default: as training picks)")
-    p.add_argument("--fused_optimizer", type=yaml.safe_load, default=None, help="fused AdamW for every step (default: on CUDA)")
+    p.add_argument("--fused_attn", type=Optional[bool], default=None, help="ssvit's attention path (default: as training picks)")
+    p.add_argument("--fused_optimizer", type=Optional[bool], default=None, help="fused AdamW for every step (default: on CUDA)")
     p.add_argument("--channels_last", action="store_true", help="channels_last model and images for ssvit (BiT, hybrids)")
     p.add_argument("--peers", nargs="*", default=["timm", "transformers"], help="peers to measure beside ssvit")
     p.add_argument("--out", default="bench.json")
-    p.add_argument("--end_to_end", nargs="?", const=f"parquet:{Path(__file__).parents[2] / 'shared/data/cifar10/train.parquet'}",
-                   default=None, metavar="DATA", help="time a real pretrain.py run on DATA (default: the shared CIFAR-10, "
-                   "in the uint8 cache) against the bare step")  # fmt: skip
+    p.add_argument("--end_to_end", default=None, metavar="DATA",
+                   help="time a real pretrain.py run on DATA (a --data value, e.g. parquet:/data/cifar10) against the bare step")
     p.add_argument("--logging_steps", type=int, default=10, help="with --end_to_end: steps per timed window")
     p.add_argument("--cost", action="store_true", help="FLOPs and estimated GPU-hours of the ImageNet presets")
     p.add_argument("--assumed_mfu", type=float, default=0.4, help="with --cost: the MFU the GPU estimate assumes")
     p.add_argument("--gpu_peak", type=float, default=989e12, help="with --cost: dense bf16 FLOP/s of one GPU")
     p.add_argument("--pipeline", action="store_true", help="benchmark the input pipeline at --img_size instead of the step")
-    p.add_argument("--data", default="imagefolder:../shared/data/imagenet-sample", help="with --pipeline: the photographs")
+    p.add_argument("--data", default=None, help="with --pipeline: the photographs, a --data value (e.g. imagefolder:/data/imagenet/train)")
     p.add_argument("--images", type=int, default=300, help="with --pipeline: how many of them")
     p.add_argument("--max_side", type=int, default=320, help="with --pipeline: shorter side of the prepared shards")
     p.add_argument("--rounds", type=int, default=5, help="with --pipeline: time every row this many times, keep the best")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
     if args.cost:
         report = cost(args)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
@@ -580,6 +579,8 @@ def run_command(argv=None) -> dict:
         print(format_end_to_end(report))
         return report
     if args.pipeline:
+        if args.data is None:
+            raise UsageError("--pipeline times decoding real photographs: name them with --data, e.g. --data imagefolder:DIR.")
         report = pipeline(args)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         print(format_pipeline(report))

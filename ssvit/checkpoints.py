@@ -186,7 +186,7 @@ def resume_changes(path: Path, run: RunConfig, world: int) -> list[str]:
     cfg, changes = run.train, []
     if (path / "config.yaml").exists():
         saved, now = yaml.safe_load((path / "config.yaml").read_text()), yaml.safe_load(run.dump())
-        import objectives
+        from ssvit import objectives
 
         ignored = RESUME_FREE | (set(objectives.OBJECTIVES) - {cfg.objective})
         changes += [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(saved.keys() | now.keys())

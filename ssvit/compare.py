@@ -1,7 +1,7 @@
 """Supervised versus self-supervised: run the ViT paper's comparison as one resumable study and report it.
 
-    accelerate launch ssvit/compare.py --config configs/compare_cifar10_cpu.yaml
-    accelerate launch ssvit/compare.py --config configs/compare_cifar10_budget_cpu.yaml   # compute on the x-axis
+    accelerate launch ssvit/compare.py --config compare_cifar10_cpu
+    accelerate launch ssvit/compare.py --config compare_cifar10_budget_cpu   # compute on the x-axis
 
 Arms: from scratch, supervised-pretrained (all training labels), and one arm per self-supervised objective in
 `objectives` (pretrained on the same images without labels), each fine-tuned with the same backbone, data,
@@ -25,7 +25,9 @@ from typing import Optional
 
 import yaml
 
-from ssvit.config import parse, preset, saved_config, saved_train_config
+from ssvit.config import parse, preset, saved_train_config
+from ssvit.models import saved_config
+from ssvit.cli import make_parser, parse_args
 from ssvit.errors import UsageError, command
 
 
@@ -448,12 +450,9 @@ def write_report(rows: list[dict], root: Path, arms: list[str]) -> None:
 
 
 def run_command(argv=None) -> list[dict]:
-    from jsonargparse import ArgumentParser, ActionConfigFile
-
-    p = ArgumentParser(prog="ssvit-compare", description=__doc__.splitlines()[0])
-    p.add_argument("--config", action=ActionConfigFile)
+    p = make_parser("ssvit-compare", __doc__, config=True)
     p.add_class_arguments(Study)
-    ns = p.parse_args(argv)
+    ns = parse_args(p, argv)
     study = Study(**{k: v for k, v in vars(ns).items() if k in Study.__dataclass_fields__})
     rows = run_budget_study(study) if study.budgets else run_study(study)
     print((Path(study.output_dir) / "results.md").read_text())

@@ -9,7 +9,6 @@ addressed as ``--masked_patch.mask_ratio 0.15`` or, in YAML, ``masked_patch: {ma
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +16,12 @@ from typing import Literal, Optional
 
 import yaml
 
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse import ArgumentParser, Namespace
 
-import objectives
+from ssvit import objectives
+from ssvit.cli import make_parser, normalize, parse_args, preset_dir
+from ssvit.data import DataSource
+from ssvit.models import init_architecture, pooling_for, read_state_dict, saved_config
 from ssvit.errors import UsageError
 
 DEFAULT_MODEL_KWARGS = {"vit_tiny_patch16_224": {"patch_size": 4, "depth": 6}}
@@ -147,15 +149,12 @@ class TrainConfig:
     """Model and images in channels_last memory format: faster convolutions (BiT, hybrid stems) on GPUs."""
 
 
-def _flag_aliases(argv: list[str]) -> list[str]:
-    """Accept --output-dir for --output_dir, a bare --resume for --resume latest, and a bare switch such as
-    --streaming or --compile for --streaming true."""
+def _bare_switches(argv: list[str]) -> list[str]:
+    """Accept a bare --resume for --resume latest, and a bare switch such as --streaming or --compile for --streaming
+    true."""
     switches = {f"--{f.name}" for f in dataclasses.fields(TrainConfig) if f.type in ("bool", "Optional[bool]")}
     out = []
     for i, arg in enumerate(argv):
-        if arg.startswith("--") and "-" in arg[2:].split("=")[0]:
-            name, eq, value = arg[2:].partition("=")
-            arg = "--" + name.replace("-", "_") + eq + value
         out.append(arg)
         if arg in ("--resume", *switches) and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             out.append("latest" if arg == "--resume" else "true")
@@ -163,9 +162,7 @@ def _flag_aliases(argv: list[str]) -> list[str]:
 
 
 def build_parser(defaults: Optional[dict] = None, prog: Optional[str] = None) -> ArgumentParser:
-    # No abbreviations: --max_step must not silently mean --max_steps.
-    parser = ArgumentParser(prog=prog, description=__doc__.splitlines()[0], exit_on_error=False, allow_abbrev=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="A YAML preset, e.g. configs/cifar10_mpp_cpu.yaml")
+    parser = make_parser(prog or "ssvit-pretrain", __doc__, config=True)
     parser.add_class_arguments(TrainConfig, fail_untyped=True, sub_configs=True)
     for name, objective in objectives.OBJECTIVES.items():
         parser.add_class_arguments(objective.Options, nested_key=name, help=f"Options of the {name} objective.")
@@ -208,8 +205,8 @@ def check_config_file(path: str) -> None:
     own messages name '<unicode string>' and print its 50-line usage first)."""
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"--config {path}: no such file{' (a folder)' if p.is_dir() else ''}. Give a YAML file such as "
-                         f"configs/quickstart.yaml or a run's config.yaml.")  # fmt: skip
+        raise UsageError(f"--config {path}: no such file{' (a folder)' if p.is_dir() else ''}. Give a preset's name such as "
+                         f"cifar10_mpp_cpu, or a YAML file such as a run's config.yaml.")  # fmt: skip
     try:
         values = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
@@ -233,18 +230,12 @@ def check_config_file(path: str) -> None:
 
 
 def parse(argv: Optional[list[str]] = None, defaults: Optional[dict] = None, prog: Optional[str] = None) -> RunConfig:
-    from argparse import ArgumentError
-
-    argv = _flag_aliases(sys.argv[1:] if argv is None else list(argv))
+    argv = _bare_switches(normalize(sys.argv[1:] if argv is None else list(argv)))
     for i, arg in enumerate(argv):
         if arg == "--config" and i + 1 < len(argv) or arg.startswith("--config="):
             check_config_file(arg.partition("=")[2] or argv[i + 1])
     parser = build_parser(defaults, prog)
-    try:
-        ns = parser.parse_args(argv)
-    except ArgumentError as e:  # one line, not the usage text first
-        message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        raise UsageError(f"{message}. `{prog or 'ssvit-pretrain'} --help` lists the options.") from None
+    ns = parse_args(parser, argv)
     if ns.model_kwargs is None:  # defaults that belong to one architecture apply to it only
         ns.model_kwargs = dict(DEFAULT_MODEL_KWARGS.get(ns.model, {}))
     ns.model_kwargs = {**ns.model_kwargs, **pooling_for_init(ns.init, ns.objective, ns.model_kwargs)}
@@ -255,13 +246,6 @@ def parse(argv: Optional[list[str]] = None, defaults: Optional[dict] = None, pro
     objective_cls.check_options(train, options)
     check(train)
     return RunConfig(train, options, ns, parser)
-
-
-def pooling_for(source_objective: Optional[str], model_kwargs: dict) -> dict:
-    """The pooling a classifier on a backbone that `source_objective` trained inherits (the objective's
-    classifier_pooling, e.g. the mean patch token), unless model_kwargs choose one; nothing for an unknown objective."""
-    source = objectives.OBJECTIVES.get(source_objective or "")
-    return dict(source.classifier_pooling) if source is not None and "global_pool" not in model_kwargs else {}
 
 
 def pooling_for_init(init: Optional[str], objective: str, model_kwargs: dict) -> dict:
@@ -306,9 +290,10 @@ def check(cfg: TrainConfig) -> None:
     """Refuse a bad configuration at start-up, before any data is read or model built, naming every problem."""
     problems = [f"{flag} {value}: {rule}." if rule.startswith("must") or rule.startswith("the") else f"{flag} {value}: must be {rule}."
                 for flag, value, ok, rule in _ranges(cfg) if not ok]  # fmt: skip
-    kind, colon, path = cfg.data.partition(":")
-    if kind in ("parquet", "imagefolder") and not path:
-        problems.append(f"--data {cfg.data}: {kind} needs a path, e.g. --data {kind}:/data/{'shards' if kind == 'parquet' else 'images'}.")
+    try:
+        DataSource.parse(cfg.data)
+    except UsageError as e:
+        problems.append(str(e))
     if problems:
         raise UsageError("\n".join(problems))
 
@@ -318,8 +303,6 @@ def check_paths(cfg: TrainConfig) -> None:
     parsing a preset alone does not need its paths to exist)."""
     problems = []
     if cfg.init and not cfg.init.startswith("timm:"):
-        from ssvit.models import read_state_dict
-
         if not Path(cfg.init).exists():
             problems.append(f"--init {cfg.init}: no such file or folder. Give an ssvit checkpoint folder "
                             f"(runs/<name>/checkpoints/step_NNNNNN), an exported backbone folder, or timm:<name>.")  # fmt: skip
@@ -328,9 +311,9 @@ def check_paths(cfg: TrainConfig) -> None:
                 read_state_dict(cfg.init, header_only=True)
             except (UsageError, FileNotFoundError) as e:
                 problems.append(str(e))
-    kind, _, path = cfg.data.partition(":")
-    if kind in ("parquet", "imagefolder") and not any(ch in path for ch in "*?[") and not Path(path).exists():
-        problems.append(f"--data {cfg.data}: {path} does not exist.")
+    source = DataSource.parse(cfg.data)
+    if source.is_local and not any(ch in source.location for ch in "*?[") and not Path(source.location).exists():
+        problems.append(f"--data {cfg.data}: {source.location} does not exist.")
     if cfg.resume not in (None, "latest", "auto", "true", "True") and not Path(cfg.resume).is_dir():
         problems.append(f"--resume {cfg.resume}: no such checkpoint folder (a bare --resume takes the newest in --output_dir).")
     if problems:
@@ -340,12 +323,9 @@ def check_paths(cfg: TrainConfig) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Presets and saved runs
 
-CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
-
-
 def preset(name: str) -> dict:
     """A preset of configs/ as flat parser defaults ({"lr": 0.01, "supervised.head": "linear", ...})."""
-    values = yaml.safe_load((CONFIGS_DIR / f"{name}.yaml").read_text())
+    values = yaml.safe_load((preset_dir() / f"{name}.yaml").read_text())
     flat = {}
     for key, value in values.items():
         if key in objectives.OBJECTIVES and isinstance(value, dict):
@@ -353,19 +333,6 @@ def preset(name: str) -> dict:
         else:
             flat[key] = value
     return flat
-
-
-def saved_config(checkpoint: str | Path) -> Optional[dict]:
-    """The config saved beside an ssvit checkpoint or its run (config.yaml), or beside an exported backbone
-    (timm's config.json), as a plain dict; None when there is none."""
-    p = Path(checkpoint)
-    folder = p if p.is_dir() else p.parent
-    for f in (folder, *folder.parents[:2]):
-        if (f / "config.yaml").exists():
-            return yaml.safe_load((f / "config.yaml").read_text())
-        if (f / "config.json").exists():
-            return json.loads((f / "config.json").read_text())
-    return None
 
 
 def saved_train_config(checkpoint: str | Path) -> TrainConfig:
@@ -380,8 +347,6 @@ def saved_train_config(checkpoint: str | Path) -> TrainConfig:
 
 def finetune_defaults(argv: list[str]) -> dict:
     """Parser defaults of ssvit/finetune.py: configs/finetune.yaml, then the architecture of --init."""
-    from ssvit.models import init_architecture
-
     init = next((a.split("=", 1)[1] if "=" in a else argv[i + 1] for i, a in enumerate(argv) if a.split("=")[0] == "--init"), None)
     if init is None and ("--help" in argv or "-h" in argv):
         return preset("finetune")

@@ -8,6 +8,7 @@ uint8 tensor cache, kept on disk under ``~/.cache/ssvit`` keyed by the dataset's
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -99,6 +100,35 @@ class Splits:
     """Held out for the numbers a study reports: the data's own test split, or --test_fraction of train."""
 
 
+@dataclass(frozen=True)
+class DataSource:
+    """--data, parsed in this one place: synthetic[:N], parquet:PATH (a file, a glob or a folder in the hub layout),
+    imagefolder:DIR, or a Hugging Face hub dataset name (kind "hub")."""
+
+    kind: str
+    location: str
+    """N for synthetic ("" for the default size), the path, or the hub name."""
+
+    @classmethod
+    def parse(cls, spec: str) -> "DataSource":
+        kind, colon, location = spec.partition(":")
+        if kind in ("parquet", "imagefolder"):
+            if not location:
+                raise UsageError(f"--data {spec}: {kind} needs a path, e.g. --data {kind}:/data/{'shards' if kind == 'parquet' else 'images'}.")
+            return cls(kind, location)
+        if kind == "synthetic":
+            if location and not (location.isdigit() and int(location) > 0):
+                raise UsageError(f"--data {spec}: synthetic takes a number of images, e.g. --data synthetic:2000.")
+            return cls(kind, location)
+        if not spec:
+            raise UsageError("--data is empty: give synthetic, parquet:PATH, imagefolder:DIR or a hub dataset name.")
+        return cls("hub", spec)
+
+    @property
+    def is_local(self) -> bool:
+        return self.kind in ("parquet", "imagefolder")
+
+
 SPLIT_PREFIXES = {"train": ("train",), "validation": ("validation", "valid", "val"), "test": ("test",)}
 
 
@@ -120,7 +150,7 @@ def parquet_files(spec: str) -> dict[str, list[str]]:
     are all train). Never a recursive search. Used by map-style and streamed data alike."""
     from glob import glob
 
-    path = spec.partition(":")[2]
+    path = DataSource.parse(spec).location
     p = Path(path)
     if any(ch in path for ch in "*?["):
         return {"train": sorted(glob(path))}
@@ -140,11 +170,12 @@ def parquet_files(spec: str) -> dict[str, list[str]]:
     return files
 
 
-def _load_hf(spec: str):
-    """A DatasetDict from --data. Local paths are checked first so a typo is an error, not a download."""
+def load_source(spec: str):
+    """A DatasetDict from --data (not synthetic). Local paths are checked first so a typo is an error, not a download."""
     import datasets
 
-    kind, _, path = spec.partition(":")
+    source = DataSource.parse(spec)
+    kind, path = source.kind, source.location
     p = Path(path)
     if kind == "parquet":
         return datasets.load_dataset("parquet", data_files=parquet_files(spec))
@@ -174,7 +205,7 @@ def _load_hub(name: str):
         ) from e
 
 
-def _columns(ds, image_column: Optional[str], label_column: Optional[str]) -> tuple[str, Optional[str]]:
+def columns(ds, image_column: Optional[str], label_column: Optional[str]) -> tuple[str, Optional[str]]:
     """The image column and the label column (None when the data has no labels and none was named)."""
     import datasets
 
@@ -248,14 +279,26 @@ def _image_source(value: dict):
     return io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]
 
 
+def data_key(ds) -> Optional[str]:
+    """What identifies a loaded data set across runs, from datasets' public API: it writes what it loads to Arrow
+    files (Dataset.cache_files) whose folder names hash the source, every data file's path and modification time
+    or the hub revision included. None for a data set held in memory only."""
+    import hashlib
+
+    files = [f["filename"] for f in ds.cache_files]
+    return hashlib.sha256(json.dumps([files, len(ds), str(ds.features)]).encode()).hexdigest()[:16] if files else None
+
+
 def _cached_images(ds, image_column: str, size: int, name: str, is_main: bool) -> torch.Tensor:
+    """Every image of ds decoded once at `size`, kept under CACHE_DIR for the next run on the same data."""
     from safetensors.torch import load_file, save_file
 
-    path = CACHE_DIR / f"{ds._fingerprint}_{image_column}_{size}px.safetensors"
-    if path.exists():
+    key = data_key(ds)
+    path = CACHE_DIR / f"{key}_{image_column}_{size}px.safetensors"
+    if key and path.exists():
         return load_file(path)["images"]
     images = _decode_all(ds, image_column, size, name)
-    if is_main:  # atomic write: a crash never leaves a half-written cache behind
+    if key and is_main:  # atomic write: a crash never leaves a half-written cache behind
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         save_file({"images": images}, tmp)
@@ -271,30 +314,56 @@ def column(ds, name: Optional[str]) -> torch.Tensor:
     return torch.from_numpy(ds.select_columns([name]).with_format("arrow")[:][name].to_numpy().astype("int64"))
 
 
-def hold_out(ds, stratify: Optional[str], size: float | int, seed: int, what: str = "--val_fraction"):
-    """Hold `size` images (an int) or a fraction of ds out, seeded; stratified by the `stratify` column when
-    every class has at least two images, with at least one image of each class held out. Returns
-    (rest, held out, how)."""
-    n_out = size if isinstance(size, int) else math.ceil(size * len(ds))  # as datasets counts a fraction
+def hold_out(labels: Optional[np.ndarray], size: float | int, seed: int, what: str = "--val_fraction", n: Optional[int] = None):
+    """The one held-out split of ssvit, for map-style and streamed data alike (so the same --split_seed holds out
+    the same images in both): hold `size` images (an int) or a fraction of them out, seeded, stratified by `labels`
+    when given and every class has at least two images, with at least one image of each class held out. This is
+    datasets' Dataset.train_test_split, computed on the label column alone (its stratified algorithm, from
+    datasets.utils.stratify; its shuffled permutation otherwise), so that a stream needs no Dataset to split.
+    Returns (rest, held out, how): positions in 0..n-1 (n: len(labels))."""
+    from datasets.utils.stratify import stratified_shuffle_split_generate_indices
+
+    n = len(labels) if n is None else n
+    n_out = size if isinstance(size, int) else math.ceil(size * n)  # as datasets counts a fraction
     how = f"{n_out:,} held out of train (seed {seed})"
-    if stratify is not None:
-        counts = torch.bincount(column(ds, stratify))
-        counts = counts[counts > 0]
+    if labels is not None:
+        counts = np.unique(labels, return_counts=True)[1]
         if counts.min() < 2:
-            stratify, how = None, how + ", not stratified: some class has a single image"
+            labels, how = None, how + ", not stratified: some class has a single image"
         elif n_out < len(counts):  # a stratified split holds out at least one image of each class
-            size = n_out = len(counts)
+            n_out = len(counts)
             how = f"{n_out} held out of train, one per class (seed {seed})"
-    if not 0 < n_out < len(ds):
-        raise UsageError(f"{what} {size}: cannot hold {n_out} of {len(ds)} images out; give a value between 0 and 1 "
+    if not 0 < n_out < n:
+        raise UsageError(f"{what} {size}: cannot hold {n_out} of {n} images out; give a value between 0 and 1 "
                          f"that leaves images on both sides.")  # fmt: skip
-    parts = ds.train_test_split(test_size=size, seed=seed, stratify_by_column=stratify)
-    return parts["train"], parts["test"], how
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        order = rng.permutation(n)
+        return order[n_out:], order[:n_out], how
+    rest, held = next(stratified_shuffle_split_generate_indices(np.asarray(labels), n - n_out, n_out, rng=rng))
+    return rest, held, how
+
+
+def held_out_splits(labels: Optional[np.ndarray], n: int, cfg, has: set) -> tuple[dict, np.ndarray, list[str]]:
+    """{"validation": rows, "test": rows} held out of n training rows for the splits the data lacks (`has`: the data's
+    own), and the rows left to train on: validation first (--val_fraction), then test (--test_fraction of all of
+    train) out of the rest, so that validation is the same images with or without a test split."""
+    rows, held, how = np.arange(n), {}, []
+    if "validation" not in has:
+        rest, val, note = hold_out(labels, cfg.val_fraction, cfg.split_seed, n=n)
+        rows, held["validation"], how = rows[rest], rows[val], [note]
+    test_fraction = getattr(cfg, "test_fraction", None)
+    if "test" not in has and test_fraction:
+        sub = None if labels is None else labels[rows]
+        rest, test, note = hold_out(sub, round(test_fraction * n), cfg.split_seed, "--test_fraction", n=len(rows))
+        rows, held["test"] = rows[rest], rows[test]
+        how.append(f"test: {note}")
+    return held, rows, how
 
 
 def _synthetic_splits(cfg) -> Splits:
     """synthetic or synthetic:N: N images, the first 10% for validation, then --test_fraction for test."""
-    n, size = int(cfg.data.partition(":")[2] or 10_000), cfg.img_size
+    n, size = int(DataSource.parse(cfg.data).location or 10_000), cfg.img_size
     images, labels = synthetic_images(n, size, seed=1234)
     n_val = n // 10
     n_test = round((getattr(cfg, "test_fraction", None) or 0) * n)
@@ -305,29 +374,23 @@ def _synthetic_splits(cfg) -> Splits:
 
 
 def _hf_splits(cfg, is_main: bool) -> Splits:
-    dd = _load_hf(cfg.data)
-    image_col, label_col = _columns(dd["train"], cfg.image_column, cfg.label_column)
-    feature = dd["train"].features.get(label_col)
-    if label_col is None:
-        names = []
-    else:
-        names = [str(n) for n in getattr(feature, "names", None) or column(dd["train"], label_col).unique().tolist()]
-    stratify = label_col if hasattr(feature, "names") else None
-    train, notes = dd["train"], []
-    if "validation" in dd:
-        val, how = dd["validation"], "its validation split"
-    else:
-        train, val, how = hold_out(train, stratify, cfg.val_fraction, cfg.split_seed)
-    test, test_fraction = dd.get("test"), getattr(cfg, "test_fraction", None)
-    if test is not None:
+    dd = load_source(cfg.data)
+    base = dd["train"]
+    image_col, label_col = columns(base, cfg.image_column, cfg.label_column)
+    feature = base.features.get(label_col)
+    labels = column(base, label_col)
+    names = [str(n) for n in getattr(feature, "names", None) or (labels.unique().tolist() if label_col else [])]
+    stratify = labels.numpy() if hasattr(feature, "names") else None  # stratified by a ClassLabel column
+    held, train_rows, notes = held_out_splits(stratify, len(base), cfg, set(dd))
+    how = "its validation split" if "validation" in dd else notes.pop(0)
+    if "test" in dd:
         notes.append("test: its test split")
-    elif test_fraction:  # held out after validation, so validation stays the same images with or without it
-        train, test, test_how = hold_out(train, stratify, round(test_fraction * len(dd["train"])), cfg.split_seed, "--test_fraction")
-        notes.append(f"test: {test_how}")
-    make = TensorImages.from_hf if len(dd["train"]) * 3 * cfg.img_size**2 <= max_cache_bytes() else HFImages
-    built = {k: make(v, image_col, label_col, cfg.img_size, name=f"{cfg.data} {k}", is_main=is_main)
-             for k, v in (("train", train), ("val", val), ("test", test)) if v is not None}  # fmt: skip
-    desc = f"{cfg.data}: {len(train):,} train / {len(val):,} val ({how}{'; ' if notes else ''}{'; '.join(notes)})"
+    make = TensorImages.from_hf if len(base) * 3 * cfg.img_size**2 <= max_cache_bytes() else HFImages
+    parts = {"train": (base, train_rows), "val": (dd.get("validation", base), held.get("validation")),
+             "test": (dd.get("test", base), held.get("test"))}  # fmt: skip
+    built = {k: make(ds, image_col, label_col, cfg.img_size, name=f"{cfg.data} {k}", is_main=is_main, rows=rows)
+             for k, (ds, rows) in parts.items() if rows is not None or (k == "val" and "validation" in dd) or (k == "test" and "test" in dd)}  # fmt: skip
+    desc = f"{cfg.data}: {len(built['train']):,} train / {len(built['val']):,} val ({how}{'; ' if notes else ''}{'; '.join(notes)})"
     if label_col is None:
         desc += "; no labels"
     if make is HFImages:
@@ -338,7 +401,7 @@ def _hf_splits(cfg, is_main: bool) -> Splits:
 def load_splits(cfg, is_main: bool = True) -> Splits:
     """Train, validation and (when there is one) test splits from cfg.data (see TrainConfig). Validation is
     held out of train when the data has no validation split (seeded by cfg.split_seed, stratified by class)."""
-    splits = _synthetic_splits(cfg) if cfg.data.split(":")[0] == "synthetic" else _hf_splits(cfg, is_main)
+    splits = _synthetic_splits(cfg) if DataSource.parse(cfg.data).kind == "synthetic" else _hf_splits(cfg, is_main)
     train = splits.train
     if cfg.label_fraction is not None or cfg.samples_per_class is not None:
         if not splits.num_classes:
@@ -425,9 +488,9 @@ def decode_crop(data: bytes, draw: Callable[[int, int], tuple], size: int) -> to
 
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-        full = None if colorspace not in ("CMYK", "YCCK") else _pil_decode(data)
+        full = None if colorspace not in ("CMYK", "YCCK") else pil_decode(data)
     except ValueError:  # not a JPEG
-        full = _pil_decode(data)
+        full = pil_decode(data)
     if full is not None:
         i, j, h, w, flip = draw(*full.shape[:2])
     else:
@@ -440,7 +503,7 @@ def decode_crop(data: bytes, draw: Callable[[int, int], tuple], size: int) -> to
         try:
             full = torch.from_numpy(simplejpeg.decode_jpeg(data, "RGB", min_height=math.ceil(height * scale), min_width=math.ceil(width * scale)))
         except ValueError:  # libjpeg-turbo refuses what PIL tolerates (extraneous bytes before a marker...)
-            full = _pil_decode(data)
+            full = pil_decode(data)
         if full.shape[:2] != (height, width):  # decoded at a reduced scale: the box in its pixels
             sy, sx = full.shape[0] / height, full.shape[1] / width
             i, j, h, w = round(i * sy), round(j * sx), max(1, round(h * sy)), max(1, round(w * sx))
@@ -449,7 +512,7 @@ def decode_crop(data: bytes, draw: Callable[[int, int], tuple], size: int) -> to
     return out.flip(-1) if flip else out
 
 
-def _pil_decode(data: bytes) -> torch.Tensor:
+def pil_decode(data: bytes) -> torch.Tensor:
     """uint8 (H, W, 3) by PIL: any format, any mode."""
     import io
 
@@ -500,9 +563,10 @@ class TensorImages(ImageDataset):
         self.images = images
 
     @classmethod
-    def from_hf(cls, ds, image_column, label_column, size, name, is_main=True):
-        labels = column(ds, label_column)
-        return cls(_cached_images(ds, image_column, size, name, is_main), labels, size)
+    def from_hf(cls, ds, image_column, label_column, size, name, is_main=True, rows: Optional[np.ndarray] = None):
+        """The images of ds at `rows` (all: None), from the cache of all of ds decoded once."""
+        images, labels = _cached_images(ds, image_column, size, name, is_main), column(ds, label_column)
+        return cls(images, labels, size) if rows is None else cls(images[rows], labels[rows], size)
 
     def subset(self, indices: torch.Tensor) -> "TensorImages":
         return TensorImages(self.images[indices], self.labels[indices], self.size, self.augment, self.seed)
@@ -517,14 +581,14 @@ class HFImages(ImageDataset):
     boxes are the same as the full-decode path's (fast_decode=False), drawn from the same RNG."""
 
     def __init__(self, ds, image_column, label_column, size, name="", is_main=True, augment=None, seed: int = 0,
-                 fast_decode: bool = True):  # fmt: skip
+                 fast_decode: bool = True, rows: Optional[np.ndarray] = None):  # fmt: skip
+        """The images of ds (a loaded, unselected Dataset) at `rows` of its Arrow table (all: None)."""
         import datasets
 
-        super().__init__(column(ds, label_column), size, augment, seed)
+        self.rows = np.arange(len(ds)) if rows is None else np.asarray(rows)
+        super().__init__(column(ds, label_column)[self.rows], size, augment, seed)
         self.image_column, self.fast_decode = image_column, fast_decode
         self.raw = ds.cast_column(image_column, datasets.Image(decode=False))  # {bytes, path} storage
-        # Rows of the underlying Arrow table (datasets keeps a selection as an indices mapping, `_indices`).
-        self.rows = np.arange(len(ds)) if ds._indices is None else ds._indices.column(0).to_numpy()
         self._column = None
 
     def __getstate__(self) -> dict:  # DataLoader workers: an Arrow column would pickle with all its data
@@ -564,7 +628,7 @@ class HFImages(ImageDataset):
         return {"image": image, "label": self.labels[index]}
 
     def _image(self, index: int) -> torch.Tensor:
-        return _pil_decode(self.encoded(index)).permute(2, 0, 1)
+        return pil_decode(self.encoded(index)).permute(2, 0, 1)
 
 
 def collate(batch: list[dict]) -> dict:

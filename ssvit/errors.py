@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 from contextlib import contextmanager
+from typing import Optional
 
 
 class UsageError(ValueError):
@@ -66,13 +67,17 @@ def user_errors(prog: str, cli: bool):
 
 
 def command(prog: str):
-    """`main = command("ssvit-x")(run_command)`: the command's entry point, with user_errors around it."""
+    """`main = command("ssvit-x")(run_command)`: the command's entry point, with user_errors around it. `main()` is the
+    command line (sys.argv, one-line errors, returns None: a console script exits with what main returns);
+    `main(argv)` is the call from Python (exceptions propagate, the result is returned). `cli` overrides that."""
 
     def wrap(run):
         @functools.wraps(run)
-        def main(argv=None):
-            with user_errors(prog, cli=argv is None):
-                return run(argv)
+        def main(argv=None, *, cli: Optional[bool] = None):
+            cli = argv is None if cli is None else cli
+            with user_errors(prog, cli=cli):
+                result = run(argv)
+            return None if cli else result
 
         return main
 

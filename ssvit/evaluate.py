@@ -1,6 +1,7 @@
 """Frozen-feature evaluation: few-shot linear (ViT paper, section 4.1), linear probe and k-NN.
 
-    python -m ssvit.evaluate --init runs/cifar10_mpp_cpu/checkpoints/step_001500 --data parquet:../shared/data/cifar10/train.parquet
+    ssvit evaluate --init runs/cifar10_mpp_cpu/checkpoints/step_001500
+    ssvit evaluate --init timm:vit_base_patch16_224 --img_size 224 --data parquet:/data/cifar10
 
 Few-shot: regularised least squares from frozen features to {-1, 1}^K targets, solved in closed form, for
 1/5/10/25 images per class and several seeds (mean and spread), as big_vision's fewshot_lsr evaluator does it
@@ -9,7 +10,6 @@ Few-shot: regularised least squares from frozen features to {-1, 1}^K targets, s
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import time
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ssvit.cli import make_parser, parse_args
 from ssvit.errors import command
 from ssvit.features import evaluate_backbone, format_table, representation_for
 
@@ -27,7 +28,7 @@ def run_command(argv=None) -> dict:
     from ssvit.models import create_backbone, load_init
     from ssvit.train import cpu_has_bf16
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = make_parser("ssvit-evaluate", __doc__)
     p.add_argument("--init", required=True, help="ssvit checkpoint folder, or timm:<name> (with --img_size and --data)")
     p.add_argument("--img_size", type=int, default=None, help="with timm:<name> (default 224)")
     p.add_argument("--data", default=None, help="as in pretraining (default: the checkpoint's own data)")
@@ -40,7 +41,7 @@ def run_command(argv=None) -> dict:
     p.add_argument("--output", default=None, help="JSON file (default: evaluation.json beside the checkpoint)")
     p.add_argument("--random_init", action="store_true",
                    help="evaluate the checkpoint's architecture at random initialisation: the no-pretraining reference")  # fmt: skip
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
 
     if args.init.startswith("timm:"):  # a timm model: its pretrained weights, or --random_init
         cfg = TrainConfig(objective="supervised", model=args.init[5:], model_kwargs={}, img_size=args.img_size or 224)

@@ -5,13 +5,12 @@
 
 The folder holds timm's config.json (architecture, model_args, pretrained_cfg) and model.safetensors, a bare
 state dict that also works as timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...)).
-The default is the backbone without a head (num_classes=0); --with-head keeps a fine-tuned linear classifier.
-When the run kept EMA weights, those are exported (--no-ema for the raw weights).
+The default is the backbone without a head (num_classes=0); --with_head keeps a fine-tuned linear classifier.
+When the run kept EMA weights, those are exported (--no_ema for the raw weights).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ssvit.config import saved_train_config
+from ssvit.cli import make_parser, parse_args
 from ssvit.errors import UsageError, command
 from ssvit.models import build_timm_model, checkpoint_folder
 
@@ -78,15 +78,15 @@ def export(checkpoint, out, with_head=False, use_ema=True, overwrite=False, push
 
 
 def run_command(argv=None) -> Path:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = make_parser("ssvit-export", __doc__)
     p.add_argument("checkpoint", help="an ssvit checkpoint folder (runs/<name>/checkpoints/step_NNNNNN)")
     p.add_argument("--out", required=True, help="folder to write (timm local-dir layout)")
-    p.add_argument("--with-head", "--with_head", action="store_true", help="keep the fine-tuned linear classifier")
-    p.add_argument("--no-ema", "--no_ema", action="store_true", help="export the raw weights even if EMA weights exist")
+    p.add_argument("--with_head", action="store_true", help="keep the fine-tuned linear classifier")
+    p.add_argument("--no_ema", action="store_true", help="export the raw weights even if EMA weights exist")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    p.add_argument("--push-to-hub", "--push_to_hub", metavar="REPO_ID", help="also upload through huggingface_hub")
+    p.add_argument("--push_to_hub", metavar="REPO_ID", help="also upload through huggingface_hub")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx with a dynamic batch axis (the onnx extra)")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
     out = export(args.checkpoint, args.out, args.with_head, not args.no_ema, args.overwrite, args.push_to_hub, args.onnx)
     print(f"Exported to {out}. Load it with: timm.create_model('local-dir:{out}', pretrained=True)")
     return out

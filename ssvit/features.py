@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 def representation_for(objective: str, requested: str) -> str:
     """auto: the representation the objective names (the mean patch token for objectives whose class token gets
     no training signal, such as masked patch), the model's pre-logits (timm's pooled features) otherwise."""
-    import objectives
+    from ssvit import objectives
 
     if requested != "auto":
         return requested

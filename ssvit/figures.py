@@ -11,7 +11,6 @@ Writes PNGs a person can open and the numbers behind each (JSON / .npy):
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ssvit.config import saved_train_config
+from ssvit.cli import make_parser, parse_args
 from ssvit.errors import UsageError, command
 from ssvit.models import build_timm_model
 
@@ -138,11 +138,11 @@ def inspect_checkpoint(checkpoint, out, num_images: int = 64) -> dict:
 
 
 def run_command(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = make_parser("ssvit-figures", __doc__)
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True)
     p.add_argument("--num_images", type=int, default=64, help="validation images for attention distance")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
     summary = inspect_checkpoint(args.checkpoint, args.out, args.num_images)
     print(f"Figures and numbers written to {args.out}")
     return summary

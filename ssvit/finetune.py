@@ -17,18 +17,20 @@ import sys
 from accelerate import PartialState
 
 from ssvit.config import finetune_defaults, parse
-from ssvit.errors import user_errors
+from ssvit.errors import command
 from ssvit.train import print_summary, train
 
 
-def main(argv=None) -> dict:
-    with user_errors("ssvit-finetune", cli=argv is None):
-        argv = list(sys.argv[1:] if argv is None else argv)
-        run = parse(argv, defaults=finetune_defaults(argv), prog="ssvit-finetune")
-        result = train(run)
+def run_command(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    run = parse(argv, defaults=finetune_defaults(argv), prog="ssvit-finetune")
+    result = train(run)
     if PartialState().is_main_process:
         print_summary(result, run.train.output_dir)
     return result
+
+
+main = command("ssvit-finetune")(run_command)
 
 
 if __name__ == "__main__":

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 from typing import Optional
 
 import timm
 import torch
 from safetensors.torch import load_file
+import yaml
 from torch import nn
 
+from ssvit import objectives
 from ssvit.errors import UsageError
 
 
@@ -50,7 +53,7 @@ def set_fused_attention(model: nn.Module, fused: Optional[bool], device_type: st
     """Choose timm's attention path: fused (PyTorch scaled_dot_product_attention) or explicit matmuls.
 
     None picks fused except on CPU under bf16, where PyTorch's flash-attention backward dominates a ViT-Ti/4
-    step (40% of it when profiled); the explicit path made that step 1.6x faster (README, Performance)."""
+    step (40% of it when profiled); the explicit path made that step 1.6x faster (docs/performance.md)."""
     if fused is None:
         fused = not (device_type == "cpu" and precision == "bf16")
     for module in model.modules():
@@ -164,11 +167,29 @@ def resample_pos_embed(pos_embed: torch.Tensor, backbone: nn.Module) -> torch.Te
 # --init: where a run's first weights come from
 
 
+def saved_config(checkpoint: str | Path) -> Optional[dict]:
+    """The config saved beside an ssvit checkpoint or its run (config.yaml), or beside an exported backbone
+    (timm's config.json), as a plain dict; None when there is none."""
+    p = Path(checkpoint)
+    folder = p if p.is_dir() else p.parent
+    for f in (folder, *folder.parents[:2]):
+        if (f / "config.yaml").exists():
+            return yaml.safe_load((f / "config.yaml").read_text())
+        if (f / "config.json").exists():
+            return json.loads((f / "config.json").read_text())
+    return None
+
+
+def pooling_for(source_objective: Optional[str], model_kwargs: dict) -> dict:
+    """The pooling a classifier on a backbone that `source_objective` trained inherits (the objective's
+    classifier_pooling, e.g. the mean patch token), unless model_kwargs choose one; nothing for an unknown objective."""
+    source = objectives.OBJECTIVES.get(source_objective or "")
+    return dict(source.classifier_pooling) if source is not None and "global_pool" not in model_kwargs else {}
+
+
 def init_architecture(init: str) -> dict:
     """The TrainConfig fields (model, model_kwargs, img_size) that rebuild the architecture of an --init source:
     timm:<name>, an ssvit checkpoint (its config.yaml) or an exported backbone folder (timm's config.json)."""
-    from ssvit.config import saved_config
-
     if init.startswith("timm:"):
         return {"model": init[5:], "model_kwargs": {}}
     if not Path(init).exists():
@@ -197,8 +218,6 @@ def load_init(backbone: nn.Module, init: str) -> None:
 
 def checkpoint_folder(path: str | Path) -> Path:
     """The folder of an ssvit checkpoint (model.safetensors beside a config.yaml), or a ValueError that says what is."""
-    from ssvit.config import saved_config
-
     p = Path(path)
     folder = p if p.is_dir() else p.parent
     if not (folder / "model.safetensors").exists() or saved_config(folder) is None:
@@ -211,14 +230,10 @@ def checkpoint_folder(path: str | Path) -> Path:
 
 def build_timm_model(checkpoint: str | Path, with_head: bool = False, use_ema: bool = True) -> tuple[nn.Module, dict]:
     """The plain timm model held by an ssvit checkpoint (EMA weights when kept), and the model_args that rebuild it."""
-    from ssvit.config import saved_config
-
     folder = checkpoint_folder(checkpoint)
     cfg = saved_config(folder)
     weights = folder / ("ema.safetensors" if use_ema and (folder / "ema.safetensors").exists() else "model.safetensors")
     state = read_state_dict(weights)
-    from ssvit.config import pooling_for
-
     model_args = dict(cfg.get("model_kwargs") or {})
     model_args |= pooling_for(cfg.get("objective"), model_args)  # exported, read as fine-tuning reads it
     model = create_backbone(cfg["model"], cfg["img_size"], model_args)
@@ -228,8 +243,8 @@ def build_timm_model(checkpoint: str | Path, with_head: bool = False, use_ema: b
     if with_head:
         if "head.weight" not in state or state["head.weight"].ndim != 2:
             raise UsageError(
-                f"--with-head: {folder} has no linear classifier to export (objective {cfg['objective']!r}). Export the "
-                f"backbone (without --with-head), or export a checkpoint of ssvit/finetune.py."
+                f"--with_head: {folder} has no linear classifier to export (objective {cfg['objective']!r}). Export the "
+                f"backbone (without --with_head), or export a checkpoint of ssvit/finetune.py."
             )
         model.reset_classifier(state["head.weight"].shape[0])
         classifier = model.get_classifier()

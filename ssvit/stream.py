@@ -19,7 +19,6 @@ processes up to one row group per process (cuts fall between row groups); a diff
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -103,7 +102,7 @@ class Reader:
 
 def decode(reader: Reader, row: int, image: tuple, size: int, augment, seed: int, epoch: int) -> torch.Tensor:
     """uint8 (3, size, size): the paper's crop drawn from (seed, epoch, row), decoded only as far as it needs."""
-    from ssvit.data import _pil_decode, decode_crop, item_rng
+    from ssvit.data import pil_decode, decode_crop, item_rng
 
     data, path = image
     try:
@@ -111,7 +110,7 @@ def decode(reader: Reader, row: int, image: tuple, size: int, augment, seed: int
         if augment is not None:
             rng = item_rng(seed, epoch, row)
             return decode_crop(data, lambda h, w: augment.draw(h, w, rng), size)
-        t = _pil_decode(data).permute(2, 0, 1)
+        t = pil_decode(data).permute(2, 0, 1)
     except Exception as e:  # noqa: BLE001 - named, with the way out
         raise UsageError(f"Could not decode the image at {reader.where(row)}: {e}. Remove or fix it (ssvit.prepare "
                          f"refuses unreadable images and writes clean shards).") from e  # fmt: skip
@@ -296,43 +295,38 @@ def streaming_splits(cfg, rank: int, world: int, micro_batch: int):
     """Splits for --streaming from --data parquet:PATH (a file, a glob or a folder in the hub layout)."""
     from types import SimpleNamespace
 
-    from ssvit.data import SPLIT_PREFIXES, Splits, _columns, augmentation, parquet_files
+    from ssvit.data import SPLIT_PREFIXES, DataSource, Splits, augmentation, columns, held_out_splits, parquet_files
 
-    kind, _, path = cfg.data.partition(":")
-    if kind != "parquet":
+    if DataSource.parse(cfg.data).kind != "parquet":
         raise UsageError(f"--streaming reads parquet shards; --data {cfg.data} is not parquet. Write shards once with "
-                         f"`python -m ssvit.prepare {cfg.data} --out DIR`, then --data parquet:DIR --streaming.")  # fmt: skip
+                         f"`ssvit prepare {cfg.data} --out DIR`, then --data parquet:DIR --streaming.")  # fmt: skip
     if cfg.label_fraction is not None or cfg.samples_per_class is not None:
         raise UsageError("--label_fraction / --samples_per_class draw a subset of a data set in memory: train on "
                          "them without --streaming.")  # fmt: skip
     files = parquet_files(cfg.data)
-    if not files.get("train"):
-        raise FileNotFoundError(f"--data {cfg.data}: no parquet training files at {path} (a file, a glob, or a folder "
-                                f"with train-*.parquet).")  # fmt: skip
     groups = RowGroups.scan(files["train"])  # first: a file that is not parquet is named before anything else
     features = _features(files["train"])
-    image_col, label_col = _columns(SimpleNamespace(features=features), cfg.image_column, cfg.label_column)
+    image_col, label_col = columns(SimpleNamespace(features=features), cfg.image_column, cfg.label_column)
     names = [str(n) for n in getattr(features.get(label_col), "names", None) or []]
     labels = _labels(groups, label_col)
     if labels is not None:
         names = names or [str(n) for n in np.unique(labels)]
-    n = groups.total
-    perm = np.random.default_rng(cfg.split_seed).permutation(n)
-    held, how = {}, []
-    for split, fraction in (("validation", cfg.val_fraction), ("test", getattr(cfg, "test_fraction", None))):
+    # The split map-style data makes (data.held_out_splits), from the label column alone: the same rows for a seed.
+    stratify = labels if hasattr(features.get(label_col), "names") else None
+    rows, train_rows, how = held_out_splits(stratify, groups.total, cfg, set(files))
+    held = {}
+    for split in ("validation", "test"):
         if split in files:  # the data's own split, streamed from its files for evaluation
             g = RowGroups.scan(files[split])
             lab = _labels(g, label_col)
             lab = torch.from_numpy(lab) if lab is not None else torch.full((g.total,), -1)
             held[split] = ParquetRows(g, np.arange(g.total), lab, image_col, label_col, cfg.img_size)
             how.append(f"{split}: its {SPLIT_PREFIXES[split][0]} files")
-        elif fraction:  # rows held out of train at random (seeded), read where they lie
-            k, taken = math.ceil(fraction * n), sum(len(h) for h in held.values() if h.groups is groups)
-            rows = np.sort(perm[taken : taken + k])
-            lab = torch.from_numpy(labels[rows]) if labels is not None else torch.full((k,), -1)
-            held[split] = ParquetRows(groups, rows, lab, image_col, label_col, cfg.img_size)
-            how.append(f"{split}: {k:,} held out of train (seed {cfg.split_seed})")
-    train_rows = np.setdiff1d(np.arange(n), np.concatenate([h.rows for h in held.values() if h.groups is groups] or [[]]))
+        elif split in rows:  # rows held out of train, read where they lie
+            r = np.sort(rows[split])
+            lab = torch.from_numpy(labels[r]) if labels is not None else torch.full((len(r),), -1)
+            held[split] = ParquetRows(groups, r, lab, image_col, label_col, cfg.img_size)
+    train_rows = np.sort(train_rows)
     augment = augmentation(cfg.img_size, cfg.crop_scale, cfg.hflip)
     train = StreamingImages(groups, train_rows, labels, image_col, label_col, cfg.img_size, augment, cfg.seed,
                             cfg.shuffle_buffer, micro_batch, rank, world)  # fmt: skip

@@ -29,7 +29,7 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-import objectives
+from ssvit import objectives
 from ssvit.checkpoints import (
     check_resume,
     check_stream_plan,
@@ -130,6 +130,8 @@ def make_optimizer(model: objectives.Objective, cfg: TrainConfig, lr: float, dev
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX). Without, PyTorch emulates
     bf16 and a bf16 matmul runs ~600x slower than fp32 (measured on an AVX2-only AMD EPYC: 0.0003 vs 0.17 TFLOP/s)."""
+    # PyTorch has no public query for bf16 matrix units: torch.backends.cpu.get_cpu_capability() names the vector ISA
+    # ("AVX512" with or without AVX512-BF16), so this asks the two private checks torch.cpu itself keeps.
     cpu = torch.cpu
     return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
@@ -307,7 +309,7 @@ def _worker_signals(worker_id: int) -> None:
 
 def loader_workers(cfg: TrainConfig, splits: Splits) -> dict:
     """DataLoader worker settings: --dataloader_num_workers, or one for cached data (it only crops and flips, off
-    the training thread: the loop waited 2% of its time for it in the main process, README Performance) and the
+    the training thread: the loop waited 2% of its time for it in the main process, docs/performance.md) and the
     cores shared by the local processes otherwise. Workers are safe for exact resume: an item's augmentation is
     seeded by its (epoch, index) key, not by a worker's RNG."""
     from ssvit.data import TensorImages, collate
@@ -427,12 +429,14 @@ class StopSignals:
 def resume_command(state: State) -> str:
     """The command that continues this run: pretrain.py or finetune.py with the run's config.yaml and --resume; for
     a run started by another command (a study), that command again (its finished runs are kept, this one resumes)."""
-    script = Path(sys.argv[0]).stem.removeprefix("ssvit-")
+    argv0 = Path(sys.argv[0])
+    script = sys.argv[1] if argv0.stem == "ssvit" and len(sys.argv) > 1 else argv0.stem.removeprefix("ssvit-")
+    launch = f"accelerate launch ssvit/{script}.py" if argv0.suffix == ".py" else f"ssvit {script}"
     config = state.output_dir / "config.yaml"
     if script == "pretrain":
-        return f"accelerate launch ssvit/pretrain.py --config {config} --resume"
+        return f"{launch} --config {config} --resume"
     if script == "finetune":  # finetune.py takes its architecture from --init before it reads the config
-        return f"accelerate launch ssvit/finetune.py --init {state.cfg.init} --config {config} --resume"
+        return f"{launch} --init {state.cfg.init} --config {config} --resume"
     return "the same command again (this run resumes from its checkpoint)"
 
 
@@ -600,7 +604,9 @@ def train(run: RunConfig) -> dict:
         return finish(state)
 
 
-# How torch.distributed reports a peer that is gone: gloo's "Connection closed by peer", a reset, or a timeout.
+# How torch.distributed reports a peer that is gone: gloo's "Connection closed by peer", a reset, or a timeout. There
+# is no public type for it: gloo raises a plain RuntimeError (only some paths raise torch.distributed.DistError), so
+# the message is what tells (with DistError alone, the two-host test's surviving host printed a traceback).
 PEER_LOST = ("closed by peer", "reset by peer", "Broken pipe", "Connection refused", "Timed out", "timed out")
 
 
@@ -629,7 +635,7 @@ def print_summary(result: dict, output_dir: str) -> None:
     print(f"Checkpoint: {ckpt}")
     print(f"Results:    {output_dir}/results.json, metrics.jsonl, figures/")
     print("Next:")
-    print(f"  fine-tune: accelerate launch ssvit/finetune.py --init {ckpt}")
-    print(f"  evaluate:  python -m ssvit.evaluate --init {ckpt}")
-    print(f"  export:    python -m ssvit.export {ckpt} --out {output_dir}/exported")
-    print(f"  figures:   python -m ssvit.figures {ckpt} --out {output_dir}/inspect")
+    print(f"  fine-tune: ssvit finetune --init {ckpt}")
+    print(f"  evaluate:  ssvit evaluate --init {ckpt}")
+    print(f"  export:    ssvit export {ckpt} --out {output_dir}/exported")
+    print(f"  figures:   ssvit figures {ckpt} --out {output_dir}/inspect")

@@ -1,4 +1,4 @@
-"""The benchmark reports (it asserts nothing about speed): every figure the README table needs is there."""
+"""The benchmark reports (it asserts nothing about speed): every figure the docs tables (docs/performance.md) need is there."""
 
 import json
 

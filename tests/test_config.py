@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import objectives
+from ssvit import objectives
 from ssvit.config import parse
 from ssvit.errors import UsageError
 

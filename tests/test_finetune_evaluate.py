@@ -155,7 +155,7 @@ def test_a_masked_patch_init_is_read_through_the_mean_patch_token_unless_chosen(
     supervised init keeps timm's class token, an explicit global_pool is kept, and the export carries the choice."""
     import timm
 
-    import objectives
+    from ssvit import objectives
     from ssvit.config import finetune_defaults, parse
     from ssvit.export import main as export_main
 

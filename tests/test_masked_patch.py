@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from objectives.masked_patch import MaskedPatch, class_color, color_class, corrupt, patch_targets, quantize
+from ssvit.objectives.masked_patch import MaskedPatch, class_color, color_class, corrupt, patch_targets, quantize
 from ssvit.models import create_backbone
 
 

@@ -7,10 +7,10 @@ import pytest
 import timm
 import torch
 
-import objectives
-from objectives.base import PatchTokens, patchify
-from objectives.mae import masked_mse, normalized_targets, random_masking
-from objectives.simmim import block_mask, masked_l1
+from ssvit import objectives
+from ssvit.objectives.base import PatchTokens, patchify
+from ssvit.objectives.mae import masked_mse, normalized_targets, random_masking
+from ssvit.objectives.simmim import block_mask, masked_l1
 from ssvit.config import parse
 from ssvit.errors import UsageError
 from ssvit.pretrain import main

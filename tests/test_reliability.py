@@ -300,8 +300,8 @@ def test_parquet_discovery_takes_the_hub_layout_only_never_a_recursive_search(tm
 
 
 def test_16_bit_images_decode_to_their_values_not_white(tmp_path):
-    from ssvit.data import _pil_decode, load_splits
-    from ssvit.prepare import prepare
+    from ssvit.data import pil_decode, load_splits
+    from ssvit.shards import prepare
 
     grey = np.full((16, 16), 0x8080, dtype=np.uint16)  # 50% grey in 16 bits: 128 in 8 bits
     folder = tmp_path / "images/a"
@@ -309,7 +309,7 @@ def test_16_bit_images_decode_to_their_values_not_white(tmp_path):
     for i in range(10):
         Image.fromarray(grey).save(folder / f"{i}.png")  # mode I;16
     assert Image.open(folder / "0.png").mode in ("I;16", "I")
-    assert _pil_decode((folder / "0.png").read_bytes()).float().mean().round() == 128
+    assert pil_decode((folder / "0.png").read_bytes()).float().mean().round() == 128
     splits = load_splits(parse(["--data", f"imagefolder:{tmp_path / 'images'}", "--img_size", "16", "--val_fraction", "0.2"]).train)
     assert splits.val.images.float().mean().round() == 128  # the uint8 cache
     prepare(f"imagefolder:{tmp_path / 'images'}", tmp_path / "shards", quiet=True, workers=1)
@@ -318,7 +318,7 @@ def test_16_bit_images_decode_to_their_values_not_white(tmp_path):
 
 
 def test_prepare_refuses_a_truncated_jpeg_even_when_it_keeps_the_bytes(tmp_path):
-    from ssvit.prepare import prepare
+    from ssvit.shards import prepare
 
     folder = tmp_path / "src/a"
     folder.mkdir(parents=True)

@@ -56,7 +56,7 @@ def test_a_resumed_stream_continues_with_exactly_the_images_an_uninterrupted_one
 
 
 def test_streaming_refusals_name_the_way_out(shards, tmp_path):
-    with pytest.raises(UsageError, match="--streaming reads parquet shards.*ssvit.prepare"):
+    with pytest.raises(UsageError, match="--streaming reads parquet shards.*ssvit prepare"):
         streaming_splits(TrainConfig(data=f"imagefolder:{tmp_path}", streaming=True), 0, 1, MICRO)
     with pytest.raises(UsageError, match="label_fraction.*without --streaming"):
         stream(shards, label_fraction=0.1)
@@ -115,3 +115,24 @@ def test_what_a_hostile_tester_streams(shards, tmp_path):
     assert main(args)["steps"] == 4
     with pytest.raises(UsageError, match="needs labels"):
         main([*tiny_args(tmp_path / "sup", objective="supervised"), "--data", f"parquet:{good}", "--streaming", "--image_column", "jpeg"])
+
+
+@pytest.mark.parametrize("test_fraction", [None, 0.1])
+def test_map_style_and_streamed_data_hold_out_the_same_stratified_images(shards, test_fraction):
+    """One split implementation (data.held_out_splits): the same --split_seed gives the same validation (and test)
+    images with or without --streaming, stratified by class in both."""
+    from ssvit.data import load_splits
+
+    cfg = dict(data=f"parquet:{shards}", img_size=16, val_fraction=0.1, test_fraction=test_fraction, split_seed=3)
+    mapped = load_splits(TrainConfig(**cfg))
+    streamed = streaming_splits(TrainConfig(**cfg, streaming=True), 0, 1, MICRO)
+    images = lambda split: sorted(split[i]["image"].numpy().tobytes() for i in range(len(split)))  # noqa: E731
+    assert len(mapped.val) == len(streamed.val) == 24 and images(mapped.val) == images(streamed.val)
+    assert sorted(mapped.val.labels.tolist()) == sorted(streamed.val.labels.tolist())
+    per_class = torch.bincount(streamed.val.labels, minlength=10)
+    assert per_class.min() >= 2 and per_class.max() <= 3  # 24 classes-balanced images of 10 classes: stratified
+    if test_fraction:
+        assert len(mapped.test) == len(streamed.test) == 24 and images(mapped.test) == images(streamed.test)
+        assert not set(images(mapped.test)) & set(images(mapped.val))
+    other = streaming_splits(TrainConfig(**{**cfg, "split_seed": 4}, streaming=True), 0, 1, MICRO)
+    assert images(other.val) != images(streamed.val)

@@ -6,7 +6,7 @@ import sys
 import torch
 from accelerate import Accelerator
 
-from objectives.masked_patch import corrupt
+from ssvit.objectives.masked_patch import corrupt
 from ssvit.train import seed_process
 
 accelerator = Accelerator(cpu=True)
