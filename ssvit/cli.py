@@ -83,11 +83,13 @@ def config_file(value: str) -> Path:
     """What --config VALUE reads: an existing file as given, else the preset of that name (`cifar10_mpp_cpu`, also
     spelled `configs/cifar10_mpp_cpu.yaml` as in a checkout). A name that is neither is refused with the presets."""
     path = Path(value)
-    if path.exists():
+    if path.is_file():
         return path
     name = path.name.removesuffix(".yaml").removesuffix(".yml")
     if path.parent in (Path("."), Path("configs")) and (preset_dir() / f"{name}.yaml").is_file():
         return preset_dir() / f"{name}.yaml"
+    if path.exists():  # a folder, and no preset of its name: check_config_file says what it is
+        return path
     import difflib
 
     close = difflib.get_close_matches(name, presets(), n=1)

@@ -191,10 +191,15 @@ def load_source(spec: str):
 
 
 def _load_hub(name: str):
+    import socket
+    from urllib.parse import urlparse
+
     import datasets
     import huggingface_hub
 
     try:
+        if not huggingface_hub.constants.HF_HUB_OFFLINE:  # no name service: say so now, not after 30 s of retries
+            socket.getaddrinfo(urlparse(huggingface_hub.constants.ENDPOINT).hostname, 443)
         return datasets.load_dataset(name)
     except (ConnectionError, OSError, huggingface_hub.errors.HfHubHTTPError) as e:
         if Path(name).exists():
