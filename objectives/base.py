@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from einops import rearrange
 from torch import nn
 
 from ssvit.errors import UsageError
+
+if TYPE_CHECKING:
+    from ssvit.data import Views
 
 
 @dataclass
@@ -26,6 +29,9 @@ class StepOutput:
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
     """Per-image tensors (batch dimension first) from which update_metrics scores the step; in evaluation the
     loop gathers them from every process (accelerator.gather_for_metrics) before update_metrics sees them."""
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Detached values of a training step for the objective's own on_train_step (e.g. DINO's teacher outputs, which
+    move its centre): neither logged nor gathered."""
 
 
 def mlp_tanh_head(dim: int, out_dim: int, hidden_dim: Optional[int] = None) -> nn.Sequential:
@@ -97,10 +103,23 @@ class PatchTokens:
         return vit.norm(vit.blocks(x))
 
 
+@dataclass
+class Progress:
+    """Where training is, handed to Objective.on_optimizer_step after every optimizer step."""
+
+    step: int
+    """Optimizer steps done (1 after the first)."""
+    max_steps: int
+    steps_per_epoch: int
+    optimizer: torch.optim.Optimizer
+    """The run's optimizer, for schedules the objective owns (e.g. DINO's weight decay)."""
+
+
 class Objective(nn.Module):
-    """Wraps a timm backbone. ``forward(images, labels)`` takes images in [0, 1] and returns a StepOutput; it has no
-    side effects (the loop also calls it to check a checkpoint and to evaluate): statistics kept over training go in
-    on_train_step.
+    """Wraps a timm backbone. ``forward(images, labels)`` takes images in [0, 1] (a tensor, or a list of tensors, one
+    per view, for an objective with views) and returns a StepOutput; it has no side effects (the loop also calls it to
+    check a checkpoint and to evaluate): state kept over training (a momentum teacher, a centre) changes only in
+    on_train_step (after every forward of training) and on_optimizer_step (after every optimizer step).
 
     One path computes predictions and loss (forward); validation metrics are updated from its outputs. What the rest
     of ssvit needs to know of an objective is a class attribute here, never its name."""
@@ -115,6 +134,22 @@ class Objective(nn.Module):
     classifier_pooling: dict = {}
     """model_kwargs of a classifier fine-tuned from this objective's backbone, unless --model_kwargs chooses a
     pooling: e.g. the mean patch token for objectives that never train the class token."""
+    released: str = "backbone"
+    """The module whose weights export, fine-tuning and evaluation take from a checkpoint: the backbone, or e.g. a
+    momentum teacher's copy of it (DINO releases the teacher); --student (export) and --init_student take the
+    backbone instead."""
+
+    @classmethod
+    def backbone_kwargs(cls, cfg, options) -> dict:
+        """Optional: timm model_kwargs the objective needs of the backbone (e.g. dynamic_img_size for crops of
+        several sizes); they change no weight, so the backbone still exports and fine-tunes as a plain timm model."""
+        return {}
+
+    @classmethod
+    def views(cls, cfg, options) -> Optional["Views"]:
+        """Optional: the crops each training image becomes (ssvit.data.Views: count, size, scale, photometric
+        augmentation); None for the paper's one random resized crop and flip at --img_size."""
+        return None
 
     @dataclass
     class Options:
@@ -149,7 +184,21 @@ class Objective(nn.Module):
         raise NotImplementedError
 
     def on_train_step(self, out: StepOutput) -> None:
-        """Optional: statistics kept over training steps (the loop calls it after each forward)."""
+        """Optional: statistics kept over training steps (the loop calls it after each forward of training, every
+        micro-step of gradient accumulation)."""
+
+    def on_before_optimizer_step(self, progress: Progress) -> None:
+        """Optional: called when the gradients are synchronised and clipped, just before the optimizer step
+        (progress.step: the steps done before it), e.g. to hold a layer fixed (DINO's first epoch)."""
+
+    def on_optimizer_step(self, progress: Progress) -> None:
+        """Optional: called once per optimizer step, after it (and after the lr scheduler), with the global step
+        (e.g. a momentum teacher's update, a schedule of the objective's own)."""
+
+    def health(self, logs: dict[str, float]) -> Optional[str]:
+        """Optional: at every logging step, the window's averaged training logs (the same on every process); a
+        message stops the run as a non-finite loss does, naming the last good checkpoint (e.g. DINO's collapse)."""
+        return None
 
     def on_evaluate(self, images: torch.Tensor, out_dir: Path, step: int) -> Optional[Path]:
         """Optional: write a figure from a few validation images (main process only)."""

@@ -47,6 +47,10 @@ class TrainConfig:
     """Start from weights: an ssvit checkpoint (dir or model.safetensors), an exported backbone folder,
     or timm:<name> for timm's pretrained weights. The objective's head is always new."""
 
+    init_student: bool = False
+    """With --init an ssvit checkpoint of an objective that releases a momentum teacher (DINO): start from the
+    student's backbone instead of the teacher's, which is the default as DINO releases it."""
+
     data: str = "synthetic"
     """synthetic[:N] | parquet:PATH | imagefolder:DIR | a Hugging Face hub dataset name (needs internet)."""
     image_column: Optional[str] = None

@@ -403,9 +403,10 @@ def _hf_splits(cfg, is_main: bool) -> Splits:
     return Splits(built["train"], built["val"], len(names), names, desc, built.get("test"))
 
 
-def load_splits(cfg, is_main: bool = True) -> Splits:
+def load_splits(cfg, is_main: bool = True, views: Optional["Views"] = None) -> Splits:
     """Train, validation and (when there is one) test splits from cfg.data (see TrainConfig). Validation is
-    held out of train when the data has no validation split (seeded by cfg.split_seed, stratified by class)."""
+    held out of train when the data has no validation split (seeded by cfg.split_seed, stratified by class).
+    Training items are the paper's crop and flip, or the objective's `views` (a list of crops per item)."""
     splits = _synthetic_splits(cfg) if DataSource.parse(cfg.data).kind == "synthetic" else _hf_splits(cfg, is_main)
     train = splits.train
     if cfg.label_fraction is not None or cfg.samples_per_class is not None:
@@ -414,7 +415,8 @@ def load_splits(cfg, is_main: bool = True) -> Splits:
         # The subset varies with the run's seed; the validation split (split_seed) never does.
         train = train.subset(_stratified_subset(train.labels, getattr(cfg, "seed", 0), cfg.label_fraction, cfg.samples_per_class))
         splits.description += f"; training on a class-balanced subset of {len(train):,}"
-    splits.train = train.augmented(augmentation(cfg.img_size, cfg.crop_scale, cfg.hflip), getattr(cfg, "seed", 0))
+    augment = views or augmentation(cfg.img_size, cfg.crop_scale, cfg.hflip)
+    splits.train = train.augmented(augment, getattr(cfg, "seed", 0))
     return splits
 
 
@@ -468,6 +470,72 @@ class Augmentation:
 
 def augmentation(size: int, crop_scale=(0.35, 1.0), hflip: bool = True) -> Augmentation:
     return Augmentation(size, tuple(crop_scale), hflip=hflip)
+
+
+@dataclass(frozen=True)
+class Photometric:
+    """The photometric part of a multi-crop view (DINO's DataAugmentationDINO, Caron et al., 2021, main_dino.py,
+    after BYOL): colour jitter (brightness, contrast, saturation, hue, in a random order) with probability
+    jitter_prob, grayscale, Gaussian blur with sigma uniform in blur_sigma, solarisation, each drawn as torchvision's
+    ColorJitter, RandomGrayscale, GaussianBlur and RandomSolarize draw them, but from the item's own RNG, on uint8."""
+
+    jitter: tuple = (0.4, 0.4, 0.2, 0.1)
+    jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.0
+    blur_sigma: tuple = (0.1, 2.0)
+    solarize_prob: float = 0.0
+
+    def __call__(self, image: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        f = v2.functional
+        if rng.random() < self.jitter_prob:
+            b, c, s, h = self.jitter
+            factors = [rng.uniform(max(0, 1 - b), 1 + b), rng.uniform(max(0, 1 - c), 1 + c), rng.uniform(max(0, 1 - s), 1 + s),
+                       rng.uniform(-h, h)]  # fmt: skip
+            ops = (f.adjust_brightness, f.adjust_contrast, f.adjust_saturation, f.adjust_hue)
+            for i in rng.sample(range(4), 4):  # ColorJitter applies the four in a random order
+                image = ops[i](image, factors[i])
+        if rng.random() < self.grayscale_prob:
+            image = f.rgb_to_grayscale(image, num_output_channels=3)
+        if rng.random() < self.blur_prob:
+            sigma = rng.uniform(*self.blur_sigma)
+            k = min(2 * math.ceil(3 * sigma) + 1, 2 * ((min(image.shape[-2:]) - 1) // 2) + 1)  # reflect padding < side
+            image = f.gaussian_blur(image, [k, k], [sigma, sigma])
+        if rng.random() < self.solarize_prob:
+            image = f.solarize(image, 128)
+        return image
+
+
+@dataclass(frozen=True)
+class View:
+    """One crop of a multi-crop objective: a random resized crop at `size` from `scale` of the area, a flip, then
+    its photometric augmentation."""
+
+    size: int
+    scale: tuple
+    photometric: Optional[Photometric] = None
+    hflip: bool = True
+
+
+@dataclass(frozen=True)
+class Views:
+    """The views an objective trains on (Objective.views): each item becomes a list of uint8 crops, one per view,
+    all drawn from the item's own RNG (seed, epoch, index), so exact resume holds as for one crop. Evaluation sees one
+    view, the image as stored."""
+
+    views: tuple
+
+    def __call__(self, image: torch.Tensor, rng: Optional[random.Random] = None) -> list[torch.Tensor]:
+        rng = rng or random.Random(int(torch.randint(0, 2**62, (1,))))
+        out = []
+        for view in self.views:
+            crop = Augmentation(view.size, tuple(view.scale), hflip=view.hflip)(image, rng)
+            out.append(view.photometric(crop, rng) if view.photometric else crop)
+        return out
+
+    def example(self, batch: int) -> list[torch.Tensor]:
+        """Random float images in [0, 1] shaped as a batch of these views (FLOPs counting, benchmarks)."""
+        return [torch.rand(batch, 3, v.size, v.size) for v in self.views]
 
 
 def item_rng(seed: int, epoch: int, index: int) -> random.Random:
@@ -622,7 +690,7 @@ class HFImages(ImageDataset):
     def __getitem__(self, key) -> dict:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         try:
-            if self.augment is None or not self.fast_decode:
+            if not isinstance(self.augment, Augmentation) or not self.fast_decode:  # one view drawn before decoding
                 return super().__getitem__(key)
             rng = item_rng(self.seed, epoch, index)
             image = decode_crop(self.encoded(index), lambda h, w: self.augment.draw(h, w, rng), self.size)
@@ -643,7 +711,7 @@ def collate(batch: list[dict]) -> dict:
     the batch is their channels-last (N, C, H, W) view, which the loop makes contiguous on the device."""
     from torch.utils.data import default_collate
 
-    if batch[0]["image"].stride(0) != 1:  # (C, H, W) in memory: nothing to keep
+    if isinstance(batch[0]["image"], list) or batch[0]["image"].stride(0) != 1:  # views, or (C, H, W) in memory
         return default_collate(batch)
     out = default_collate([{**item, "image": item["image"].permute(1, 2, 0)} for item in batch])
     out["image"] = out["image"].permute(0, 3, 1, 2)

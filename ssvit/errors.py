@@ -16,6 +16,11 @@ class NonFiniteLossError(RuntimeError):
     """Training diverged: the message names the step, the last good checkpoint and what to change."""
 
 
+class CollapseError(RuntimeError):
+    """The objective's health check failed (Objective.health, e.g. DINO's collapsed outputs): the message names the
+    step, what failed and the last good checkpoint."""
+
+
 class PeerLostError(RuntimeError):
     """Another process of a multi-process run stopped (a host died, a process was killed): this one cannot go on."""
 
@@ -30,7 +35,7 @@ class Interrupted(Exception):
 
 
 # What the commands print as one line instead of a traceback: our own messages, written for the user.
-USER_ERRORS = (UsageError, NonFiniteLossError, PeerLostError, FileNotFoundError, FileExistsError, ConnectionError, PermissionError)
+USER_ERRORS = (UsageError, NonFiniteLossError, CollapseError, PeerLostError, FileNotFoundError, FileExistsError, ConnectionError, PermissionError)
 
 
 def user_message(e: BaseException) -> str:

@@ -41,6 +41,8 @@ def run_command(argv=None) -> dict:
     p.add_argument("--output", default=None, help="JSON file (default: evaluation.json beside the checkpoint)")
     p.add_argument("--random_init", action="store_true",
                    help="evaluate the checkpoint's architecture at random initialisation: the no-pretraining reference")  # fmt: skip
+    p.add_argument("--student", action="store_true",
+                   help="with a momentum teacher (DINO): evaluate the student's backbone, not the teacher's (the default)")
     args = parse_args(p, argv)
 
     if args.init.startswith("timm:"):  # a timm model: its pretrained weights, or --random_init
@@ -52,7 +54,7 @@ def run_command(argv=None) -> dict:
     torch.manual_seed(0)  # a reproducible random initialisation for --random_init
     backbone = create_backbone(cfg.model, cfg.img_size, cfg.model_kwargs)
     if not args.random_init:
-        load_init(backbone, args.init)
+        load_init(backbone, args.init, student=args.student)
     splits = load_splits(cfg)
     rep = representation_for(cfg.objective, args.representation)
     result = {"checkpoint": "random initialisation" if args.random_init else str(args.init), "data": splits.description}

@@ -122,13 +122,22 @@ def read_state_dict(path: str | Path, header_only: bool = False) -> dict[str, to
         ) from None
 
 
-def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load backbone weights from an ssvit checkpoint (keys backbone.*) or a bare timm state dict.
+def released_prefix(checkpoint: str | Path, student: bool = False) -> str:
+    """The key prefix of the backbone weights an ssvit checkpoint releases: its objective's `released` module
+    (e.g. DINO's momentum teacher), or the trained backbone itself with student=True."""
+    saved = saved_config(checkpoint) or {}
+    source = objectives.OBJECTIVES.get(saved.get("objective") or "")
+    return f"{'backbone' if student or source is None else source.released}."
+
+
+def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], source: str, prefix: str = "backbone.") -> None:
+    """Load backbone weights from an ssvit checkpoint (keys <prefix>*, backbone.* by default) or a bare timm state
+    dict.
 
     The objective's head is always new, so only keys outside the backbone may be left over; anything else
     (a missing backbone key, a shape mismatch) means another architecture and is an error naming the keys."""
-    if any(k.startswith("backbone.") for k in state):
-        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    if any(k.startswith(prefix) for k in state):
+        state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     own = backbone.state_dict()
     # Position embeddings trained at another resolution are resampled in 2-D (timm), class token kept.
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
@@ -207,13 +216,14 @@ def init_architecture(init: str) -> dict:
     return {k: saved[k] for k in ("model", "model_kwargs", "img_size", "data") if k in saved}
 
 
-def load_init(backbone: nn.Module, init: str) -> None:
-    """Load --init into the backbone: timm:<name> (timm's pretrained weights, needs internet) or a path."""
+def load_init(backbone: nn.Module, init: str, student: bool = False) -> None:
+    """Load --init into the backbone: timm:<name> (timm's pretrained weights, needs internet) or a path (an ssvit
+    checkpoint: the weights its objective releases, or with student=True its trained backbone)."""
     if init.startswith("timm:"):
-        source = timm.create_model(init[5:], pretrained=True, num_classes=0).state_dict()
+        source, prefix = timm.create_model(init[5:], pretrained=True, num_classes=0).state_dict(), "backbone."
     else:
-        source = read_state_dict(init)
-    load_backbone_weights(backbone, source, init)
+        source, prefix = read_state_dict(init), released_prefix(init, student)
+    load_backbone_weights(backbone, source, init, prefix)
 
 
 def checkpoint_folder(path: str | Path) -> Path:
@@ -228,8 +238,10 @@ def checkpoint_folder(path: str | Path) -> Path:
     return folder
 
 
-def build_timm_model(checkpoint: str | Path, with_head: bool = False, use_ema: bool = True) -> tuple[nn.Module, dict]:
-    """The plain timm model held by an ssvit checkpoint (EMA weights when kept), and the model_args that rebuild it."""
+def build_timm_model(checkpoint: str | Path, with_head: bool = False, use_ema: bool = True,
+                     student: bool = False) -> tuple[nn.Module, dict]:  # fmt: skip
+    """The plain timm model held by an ssvit checkpoint (EMA weights when kept; the backbone its objective releases,
+    or the trained one with student=True), and the model_args that rebuild it."""
     folder = checkpoint_folder(checkpoint)
     cfg = saved_config(folder)
     weights = folder / ("ema.safetensors" if use_ema and (folder / "ema.safetensors").exists() else "model.safetensors")
@@ -239,7 +251,7 @@ def build_timm_model(checkpoint: str | Path, with_head: bool = False, use_ema: b
     model = create_backbone(cfg["model"], cfg["img_size"], model_args)
     if hasattr(model, "patch_embed"):
         model_args["img_size"] = cfg["img_size"]
-    load_backbone_weights(model, state, str(weights))
+    load_backbone_weights(model, state, str(weights), released_prefix(folder, student))
     if with_head:
         if "head.weight" not in state or state["head.weight"].ndim != 2:
             raise UsageError(

@@ -102,11 +102,13 @@ class Reader:
 
 def decode(reader: Reader, row: int, image: tuple, size: int, augment, seed: int, epoch: int) -> torch.Tensor:
     """uint8 (3, size, size): the paper's crop drawn from (seed, epoch, row), decoded only as far as it needs."""
-    from ssvit.data import pil_decode, decode_crop, item_rng
+    from ssvit.data import Views, decode_crop, item_rng, pil_decode
 
     data, path = image
     try:
         data = data or Path(path).read_bytes()
+        if isinstance(augment, Views):  # several crops of the whole image
+            return augment(pil_decode(data).permute(2, 0, 1), item_rng(seed, epoch, row))
         if augment is not None:
             rng = item_rng(seed, epoch, row)
             return decode_crop(data, lambda h, w: augment.draw(h, w, rng), size)
@@ -291,7 +293,7 @@ def _labels(groups: RowGroups, label_column: Optional[str]) -> Optional[np.ndarr
     return np.concatenate([pq.read_table(f, columns=[label_column]).column(0).to_numpy() for f in groups.files]).astype(np.int64)
 
 
-def streaming_splits(cfg, rank: int, world: int, micro_batch: int):
+def streaming_splits(cfg, rank: int, world: int, micro_batch: int, views=None):
     """Splits for --streaming from --data parquet:PATH (a file, a glob or a folder in the hub layout)."""
     from types import SimpleNamespace
 
@@ -327,7 +329,7 @@ def streaming_splits(cfg, rank: int, world: int, micro_batch: int):
             lab = torch.from_numpy(labels[r]) if labels is not None else torch.full((len(r),), -1)
             held[split] = ParquetRows(groups, r, lab, image_col, label_col, cfg.img_size)
     train_rows = np.sort(train_rows)
-    augment = augmentation(cfg.img_size, cfg.crop_scale, cfg.hflip)
+    augment = views or augmentation(cfg.img_size, cfg.crop_scale, cfg.hflip)
     train = StreamingImages(groups, train_rows, labels, image_col, label_col, cfg.img_size, augment, cfg.seed,
                             cfg.shuffle_buffer, micro_batch, rank, world)  # fmt: skip
     if "validation" not in held:

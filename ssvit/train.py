@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ssvit import objectives
+from ssvit.objectives.base import Progress
 from ssvit.checkpoints import (
     check_resume,
     check_stream_plan,
@@ -46,7 +47,7 @@ from ssvit.checkpoints import (
 )
 from ssvit.config import RunConfig, TrainConfig, check_paths
 from ssvit.data import EpochSampler, Splits, load_splits
-from ssvit.errors import Interrupted, NonFiniteLossError, PeerLostError, UsageError
+from ssvit.errors import CollapseError, Interrupted, NonFiniteLossError, PeerLostError, UsageError
 from ssvit import evals
 from ssvit.evals import EVALUATORS
 from ssvit.models import create_backbone, describe, load_init, set_fused_attention
@@ -89,10 +90,12 @@ def seed_process(seed: int) -> None:
 def build_objective(run: RunConfig, num_classes: int) -> objectives.Objective:
     cfg = run.train
     regularised = {"drop_path_rate": cfg.drop_path_rate} if cfg.drop_path_rate is not None else {}
-    backbone = create_backbone(cfg.model, cfg.img_size, {**(cfg.model_kwargs or {}), **regularised})
-    objective = objectives.get(cfg.objective)(backbone, num_classes, run.objective_options)
+    objective_cls = objectives.get(cfg.objective)
+    needs = objective_cls.backbone_kwargs(cfg, run.objective_options)
+    backbone = create_backbone(cfg.model, cfg.img_size, {**(cfg.model_kwargs or {}), **regularised, **needs})
+    objective = objective_cls(backbone, num_classes, run.objective_options)
     if cfg.init:  # after the objective: what it initialises in the backbone (MAE's fixed positions) must not win
-        load_init(objective.backbone, cfg.init)
+        load_init(objective.backbone, cfg.init, student=cfg.init_student)
     return objective
 
 
@@ -170,9 +173,11 @@ def make_accelerator(cfg: TrainConfig, trackers: list) -> Accelerator:
 
 
 def train_step(accelerator: Accelerator, model, optimizer, images: torch.Tensor, labels: torch.Tensor,
-               max_grad_norm: Optional[float], mark: Callable[[str], None] = lambda phase: None):  # fmt: skip
+               max_grad_norm: Optional[float], mark: Callable[[str], None] = lambda phase: None,
+               before_step: Optional[Callable[[], None]] = None):  # fmt: skip
     """One micro-step: forward (under the autocast prepare() installed), backward, and, when the gradients are
-    synchronised, clipping and the optimizer step. `mark` is called after each phase (the benchmark times them)."""
+    synchronised, clipping, `before_step` (the objective's on_before_optimizer_step) and the optimizer step. `mark` is
+    called after each phase (the benchmark times them)."""
     with accelerator.accumulate(model):
         out = model(images, labels)
         mark("forward")
@@ -180,6 +185,8 @@ def train_step(accelerator: Accelerator, model, optimizer, images: torch.Tensor,
         mark("backward")
         if accelerator.sync_gradients and max_grad_norm:
             accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        if accelerator.sync_gradients and before_step is not None:
+            before_step()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         mark("optimizer")
@@ -231,11 +238,12 @@ def setup(run: RunConfig, accelerator: Accelerator, resume_from: Optional[Path] 
     world, accum = accelerator.num_processes, cfg.gradient_accumulation_steps
     set_seed(cfg.seed)  # the same initial weights on every process
     micro_batch = cfg.batch_size // (world * accum)
+    views = objectives.get(cfg.objective).views(cfg, run.objective_options)  # None: one crop at --img_size
     with accelerator.main_process_first():
         if cfg.streaming:
-            splits = streaming_splits(cfg, accelerator.process_index, world, micro_batch)
+            splits = streaming_splits(cfg, accelerator.process_index, world, micro_batch, views)
         else:
-            splits = load_splits(cfg, is_main=accelerator.is_main_process)
+            splits = load_splits(cfg, is_main=accelerator.is_main_process, views=views)
     if objectives.get(cfg.objective).needs_labels and not splits.num_classes:
         raise UsageError(f"--objective {cfg.objective} needs labels, and {cfg.data} has none (no label column, or "
                          f"images not in class folders). Use a self-supervised objective such as masked_patch, or name "
@@ -497,8 +505,10 @@ def loop(state: State, stop: Optional[StopSignals] = None) -> None:
                     stop_here(state, stop.received, images, labels)
                 window.data_wait += time.perf_counter() - tick
                 state.images_seen += len(batch["image"])
-                images, labels = batch["image"].float().div_(255).contiguous(memory_format=memory_format), batch["label"]
-                out = train_step(accelerator, state.model, state.optimizer, images, labels, cfg.max_grad_norm)
+                images, labels = batch["image"], batch["label"]
+                images = [to_float(v, memory_format) for v in images] if isinstance(images, list) else to_float(images, memory_format)
+                before = lambda: state.unwrapped.on_before_optimizer_step(progress(state, state.step))  # noqa: E731
+                out = train_step(accelerator, state.model, state.optimizer, images, labels, cfg.max_grad_norm, before_step=before)
                 state.unwrapped.on_train_step(out)
                 loss = out.loss.detach()
                 window.add({"loss": loss, **out.logs})
@@ -507,6 +517,7 @@ def loop(state: State, stop: Optional[StopSignals] = None) -> None:
                     continue
                 state.step += 1
                 state.scheduler.step_update(state.step)
+                state.unwrapped.on_optimizer_step(progress(state, state.step))
                 if state.ema is not None:
                     state.ema.update(state.unwrapped, step=state.step)
                 bar.update(1)
@@ -514,6 +525,9 @@ def loop(state: State, stop: Optional[StopSignals] = None) -> None:
                 if state.step % cfg.logging_steps == 0 or last:
                     check_finite()
                     logs = log_window(state, window)
+                    if problem := state.unwrapped.health({k.removeprefix("train/"): v for k, v in logs.items()}):
+                        raise CollapseError(f"{problem} at step {state.step}. Training stopped; the last good checkpoint "
+                                            f"is {state.last_checkpoint or 'none (no checkpoint was saved yet)'}.")  # fmt: skip
                     bar.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.2e}", img_s=f"{logs['train/images_per_s']:.0f}")
                 paused = evaluate(state)
                 if state.step % cfg.save_steps == 0 or last:
@@ -528,6 +542,15 @@ def loop(state: State, stop: Optional[StopSignals] = None) -> None:
                     break
                 if signum := stop.requested(accelerator, state.step, cfg.logging_steps):
                     stop_here(state, signum, images, labels)
+
+
+def progress(state: State, step: int) -> Progress:
+    return Progress(step, state.cfg.max_steps, state.steps_per_epoch, state.optimizer)
+
+
+def to_float(images: torch.Tensor, memory_format) -> torch.Tensor:
+    """A uint8 batch as the model takes it: [0, 1] floats."""
+    return images.float().div_(255).contiguous(memory_format=memory_format)
 
 
 def streamed(state: State):
