@@ -37,6 +37,7 @@ from ssvit.data import TensorImages, augmentation, synthetic_images
 from ssvit.cli import make_parser, parse_args
 from ssvit.errors import UsageError, command
 from ssvit.models import create_backbone, set_fused_attention
+from ssvit.objectives.base import Progress
 from ssvit.train import make_optimizer, train_step
 
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 datasheet FLOP/s (SXM)
@@ -134,6 +135,8 @@ def peers(args, device):
     if args.compile:
         timm_model.blocks = torch.compile(timm_model.blocks)
     out["timm_supervised"] = (lambda x, y: F.cross_entropy(timm_model(x).float(), y), list(timm_model.parameters()))
+    if "dino" in args.objective and "lightly" in args.peers:
+        out |= lightly_dino(args, device)
     try:
         from transformers import ViTConfig, ViTForMaskedImageModeling
     except ImportError:
@@ -166,6 +169,42 @@ def peers(args, device):
     return out
 
 
+def lightly_dino(args, device) -> dict:
+    """lightly's DINO components (DINOProjectionHead, DINOLoss, update_momentum, cancel_last_layer_gradients) on the
+    same timm backbone, views, head sizes and temperatures as ssvit's default DINO, used as lightly's DINO example
+    uses them: the teacher updated before each forward, one forward per view."""
+    try:
+        from lightly.loss import DINOLoss
+        from lightly.models.modules import DINOProjectionHead
+        from lightly.models.utils import deactivate_requires_grad, update_momentum
+    except ImportError:
+        return {}
+    import copy
+
+    dino = get_objective("dino")
+    cfg = TrainConfig(objective="dino", model=args.model, model_kwargs=args.model_kwargs, img_size=args.img_size)
+    o = dino.Options()
+    backbone = create_backbone(args.model, args.img_size, {**args.model_kwargs, **dino.backbone_kwargs(cfg, o)}).to(device)
+    make_head = lambda **kw: DINOProjectionHead(backbone.num_features, o.hidden_dim, o.bottleneck_dim, o.out_dim, **kw).to(device)  # noqa: E731
+    head, teacher_head = make_head(freeze_last_layer=1), make_head()  # its weight_norm cannot be deep-copied
+    teacher_head.load_state_dict(head.state_dict())
+    teacher = copy.deepcopy(backbone)
+    deactivate_requires_grad(teacher)
+    deactivate_requires_grad(teacher_head)
+    criterion = DINOLoss(o.out_dim, o.warmup_teacher_temp, o.teacher_temp, 30, o.student_temp, o.center_momentum).to(device)
+    views = [v.to(device) for v in dino.views(cfg, o).example(args.batch_size)]
+
+    def loss(x, y):
+        update_momentum(backbone, teacher, m=o.momentum_teacher)
+        update_momentum(head, teacher_head, m=o.momentum_teacher)
+        with torch.no_grad():
+            teacher_out = [teacher_head(teacher(v)) for v in views[: o.global_crops]]
+        student_out = [head(backbone(v)) for v in views]
+        return criterion(teacher_out, student_out, epoch=0)
+
+    return {"lightly_dino": (loss, [*backbone.parameters(), *head.parameters()])}
+
+
 def ssvit_candidate(args, device, precision, images, labels, fused_optimizer, objective=None):
     """ssvit's own training step, as the loop runs it: the objective prepared by Accelerate at this precision,
     timm's parameter groups, AdamW, gradient clipping at the default norm, through ssvit.train.train_step."""
@@ -179,15 +218,20 @@ def ssvit_candidate(args, device, precision, images, labels, fused_optimizer, ob
     torch.manual_seed(0)
     objective = objective or args.objective[0]
     objective_cls = get_objective(objective)
-    model = objective_cls(create_backbone(args.model, args.img_size, args.model_kwargs), 10, objective_cls.Options()).to(device)
+    cfg = TrainConfig(objective=objective, model=args.model, model_kwargs=args.model_kwargs, img_size=args.img_size,
+                      fused_optimizer=fused_optimizer)  # fmt: skip
+    options = objective_cls.Options()
+    backbone = create_backbone(args.model, args.img_size, {**args.model_kwargs, **objective_cls.backbone_kwargs(cfg, options)})
+    model = objective_cls(backbone, 10, options).to(device)
     if args.compile:  # the transformer blocks, where the time goes (the corruption hook stays eager)
         model.backbone.blocks = torch.compile(model.backbone.blocks)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
     fused = set_fused_attention(model, args.fused_attn, device.type, precision)
-    cfg = TrainConfig(objective=objective, fused_optimizer=fused_optimizer)
     prepared, optimizer = accelerator.prepare(model, make_optimizer(model, cfg, cfg.lr, device.type))
-    x = images.contiguous(memory_format=fmt)
+    views = objective_cls.views(cfg, options)  # a multi-crop objective: a batch of each of its views
+    x = [v.to(device) for v in views.example(len(images))] if views else images.contiguous(memory_format=fmt)
+    done = [0]
 
     def step():
         phases, last = {}, [time.perf_counter()]
@@ -197,7 +241,13 @@ def ssvit_candidate(args, device, precision, images, labels, fused_optimizer, ob
             now = time.perf_counter()
             phases[f"{phase}_s"], last[0] = now - last[0], now
 
-        train_step(accelerator, prepared, optimizer, x, labels, cfg.max_grad_norm, mark)
+        progress = Progress(done[0], 10**6, 10**3, optimizer)  # the objective's hooks, as the loop calls them
+        out = train_step(accelerator, prepared, optimizer, x, labels, cfg.max_grad_norm, mark,
+                         lambda: model.on_before_optimizer_step(progress))  # fmt: skip
+        model.on_train_step(out)
+        done[0] += 1
+        model.on_optimizer_step(Progress(done[0], 10**6, 10**3, optimizer))
+        phases["optimizer_s"] += time.perf_counter() - last[0]
         return phases
 
     flops = count_flops(lambda a, b: model(a, b).loss, x, labels, device, precision)
@@ -277,7 +327,7 @@ def run(args) -> dict:
             ratios[f"{name}_mfu_vs_{first}"] = other["mfu"] / ours["mfu"] if ours["mfu"] else None
         if "transformers_mim" in rows:
             ratios["speedup_vs_transformers_mim"] = ours["images_per_s"] / rows["transformers_mim"]["images_per_s"]
-        for name, peer in (("mae", "transformers_mae"), ("simmim", "transformers_mim")):  # each objective against its peer
+        for name, peer in (("mae", "transformers_mae"), ("simmim", "transformers_mim"), ("dino", "lightly_dino")):  # each objective against its peer
             if f"ssvit_{name}" in rows and peer in rows:
                 ratios[f"{name}_speedup_vs_{peer}"] = rows[f"ssvit_{name}"]["images_per_s"] / rows[peer]["images_per_s"]
         report["results"][precision] = {"peak_flops": peak, "peak_source": peak_source, "ssvit_fused_attn": fused,
@@ -554,7 +604,7 @@ def run_command(argv=None) -> dict:
     p.add_argument("--fused_attn", type=Optional[bool], default=None, help="ssvit's attention path (default: as training picks)")
     p.add_argument("--fused_optimizer", type=Optional[bool], default=None, help="fused AdamW for every step (default: on CUDA)")
     p.add_argument("--channels_last", action="store_true", help="channels_last model and images for ssvit (BiT, hybrids)")
-    p.add_argument("--peers", nargs="*", default=["timm", "transformers"], help="peers to measure beside ssvit")
+    p.add_argument("--peers", nargs="*", default=["timm", "transformers", "lightly"], help="peers to measure beside ssvit")
     p.add_argument("--out", default="bench.json")
     p.add_argument("--end_to_end", default=None, metavar="DATA",
                    help="time a real pretrain.py run on DATA (a --data value, e.g. parquet:/data/cifar10) against the bare step")

@@ -150,10 +150,11 @@ def counted_flops(argv: list[str], defaults: Optional[dict] = None) -> float:
 
     run = parse([*argv, "--init", "null"], defaults=defaults)  # the architecture, not the weights
     model = build_objective(run, num_classes=10)
-    images = torch.rand(2, 3, run.train.img_size, run.train.img_size)
+    views = type(model).views(run.train, run.objective_options)  # a multi-crop objective pays for every crop
+    images = views.example(2) if views else torch.rand(2, 3, run.train.img_size, run.train.img_size)
     with FlopCounterMode(display=False) as counter:
-        model(images, torch.zeros(len(images), dtype=torch.long)).loss.backward()
-    return counter.get_total_flops() / len(images)
+        model(images, torch.zeros(2, dtype=torch.long)).loss.backward()
+    return counter.get_total_flops() / 2
 
 
 def pretraining_flops(run_dir: Path) -> float:

@@ -122,13 +122,16 @@ def linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs: int = 200,
         return (head(xv).argmax(1) == val_y).float().mean().item()
 
 
-def knn_accuracy(train_x, train_y, val_x, val_y, num_classes, k: int = 20) -> float:
-    """Cosine k-nearest-neighbour vote."""
+def knn_accuracy(train_x, train_y, val_x, val_y, num_classes, k: int = 20, temperature: Optional[float] = None) -> float:
+    """Cosine k-nearest-neighbour vote: one vote per neighbour, or with a temperature each neighbour's vote weighted
+    by exp(similarity / temperature), as DINO evaluates (Caron et al., 2021, section 4.1; eval_knn.py: 20 neighbours,
+    temperature 0.07)."""
     tx, vx = F.normalize(train_x, dim=1), F.normalize(val_x, dim=1)
     correct = 0
     for chunk, labels in zip(vx.split(1024), val_y.split(1024)):
-        top = (chunk @ tx.T).topk(k, dim=1).indices
-        votes = F.one_hot(train_y[top], num_classes).sum(1)
+        similarity, top = (chunk @ tx.T).topk(min(k, len(tx)), dim=1)
+        weights = torch.ones_like(similarity) if temperature is None else (similarity / temperature).exp()
+        votes = (F.one_hot(train_y[top], num_classes) * weights[..., None]).sum(1)
         correct += (votes.argmax(1) == labels).sum().item()
     return correct / len(val_y)
 
@@ -150,6 +153,7 @@ def evaluate_backbone(backbone, splits, representation: str, shots=(1, 5, 10, 25
     if probe:
         result["linear_probe"] = linear_probe(tx, ty, vx, vy, k)
         result["knn20"] = knn_accuracy(tx, ty, vx, vy, k)
+        result["knn20_weighted"] = knn_accuracy(tx, ty, vx, vy, k, temperature=0.07)  # DINO's k-NN
     return result
 
 

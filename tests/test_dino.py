@@ -185,3 +185,40 @@ def test_collapse_is_seen_and_stops_the_run_naming_the_last_checkpoint(tmp_path,
                         len(list((tmp_path / "run/checkpoints").glob("step_*"))) else None)  # fmt: skip
     with pytest.raises(CollapseError, match=r"DINO collapsed \(test\) at step 3.*last good checkpoint is .*step_000002"):
         main(dino_args(tmp_path, "--max_steps", "6", "--save_steps", "2"))
+
+
+def test_weighted_knn_is_dinos_vote():
+    """Neighbours vote with exp(similarity / T): two far neighbours of class 1 lose to one close neighbour of class 0
+    that a plain vote outnumbers."""
+    from ssvit.features import knn_accuracy
+
+    train = torch.tensor([[1.0, 0.0], [0.2, 1.0], [0.2, -1.0]])
+    labels = torch.tensor([0, 1, 1])
+    query, truth = torch.tensor([[1.0, 0.05]]), torch.tensor([0])
+    assert knn_accuracy(train, labels, query, truth, 2, k=3) == 0.0
+    assert knn_accuracy(train, labels, query, truth, 2, k=3, temperature=0.07) == 1.0
+
+
+def test_a_study_counts_every_crop_and_gives_dino_fewer_images_for_the_same_flops(tmp_path):
+    """Multi-crop makes a DINO image cost several passes (2 global crops through student and teacher, the local
+    ones through the student): a FLOPs-matched budget gives it fewer pretraining images than masked patch."""
+    import yaml
+
+    from ssvit.compare import counted_flops, main as compare_main
+
+    from conftest import TINY_VIT
+
+    base = {"model": "vit_tiny_patch16_224", "model_kwargs": yaml.safe_load(TINY_VIT[TINY_VIT.index("--model_kwargs") + 1]),
+            "img_size": 16, "data": "synthetic:300", "mixed_precision": "no", "report_to": [], "cpu_threads": 1,
+            "eval_batches": 1, "test_fraction": 0.1}  # fmt: skip
+    flags = ["--model_kwargs", str(base["model_kwargs"]), "--img_size", "16"]
+    dino, mpp = counted_flops([*flags, "--objective", "dino", *SMALL_HEAD]), counted_flops([*flags, "--objective", "masked_patch"])
+    assert dino > 2 * mpp
+    study = {"output_dir": str(tmp_path / "study"), "base": base, "pretrain": {"batch_size": 8, "max_steps": 4, "warmup_steps": 1},
+             "finetune": {"batch_size": 8, "max_steps": 4, "warmup_steps": 1}, "label_fractions": [0.5], "seeds": [0],
+             "budgets": [128], "pretrain_shares": [0.5],
+             "objectives": {"masked_patch": {}, "dino": dict(zip([f.removeprefix("--") for f in SMALL_HEAD[::2]], SMALL_HEAD[1::2]))}}  # fmt: skip
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    rows = compare_main(["--config", str(tmp_path / "study.yaml")])
+    images = {r["objective"]: r["pretrain_images"] for r in rows if r["objective"]}
+    assert set(images) == {"masked_patch", "dino"} and 0 < images["dino"] < images["masked_patch"]

@@ -135,7 +135,7 @@ def test_evaluate_command_writes_json_and_table(checkpoints, tmp_path):
     result = evaluate_main(["--init", str(checkpoints["masked_patch"]), "--shots", "1", "5", "--seeds", "2",
                             "--output", str(out)])  # fmt: skip
     assert result["representation"] == "mean"  # masked-patch checkpoints: mean patch token by default
-    for key in ("fewshot_1shot", "fewshot_5shot", "fewshot_5shot_std", "linear_probe", "knn20"):
+    for key in ("fewshot_1shot", "fewshot_5shot", "fewshot_5shot_std", "linear_probe", "knn20", "knn20_weighted"):
         assert 0 <= result[key] <= 1, key
     assert json.loads(out.read_text()) == result and "fewshot_5shot" in out.with_suffix(".md").read_text()
 
