@@ -152,8 +152,8 @@ def evaluate_backbone(backbone, splits, representation: str, shots=(1, 5, 10, 25
     result |= fewshot(tx, ty, vx, vy, k, shots, seeds)
     if probe:
         result["linear_probe"] = linear_probe(tx, ty, vx, vy, k)
-        result["knn20"] = knn_accuracy(tx, ty, vx, vy, k)
-        result["knn20_weighted"] = knn_accuracy(tx, ty, vx, vy, k, temperature=0.07)  # DINO's k-NN
+    result["knn20"] = knn_accuracy(tx, ty, vx, vy, k)
+    result["knn20_weighted"] = knn_accuracy(tx, ty, vx, vy, k, temperature=0.07)  # DINO's k-NN
     return result
 
 

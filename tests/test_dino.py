@@ -55,6 +55,7 @@ def test_every_data_mode_yields_the_views_seeded_per_item(mode, shards, monkeypa
         assert ("decoded per image" in load_splits(cfg).description) == (mode == "decoded")
     crops = first["image"]
     assert [tuple(c.shape) for c in crops] == [(3, 16, 16)] * 2 + [(3, 8, 8)] * 2 and crops[0].dtype == torch.uint8
+    assert [v.scale for v in views.views] == [(0.4, 1.0)] * 2 + [(0.05, 0.4)] * 2  # the paper's scale ranges
     assert all(torch.equal(a, b) for a, b in zip(crops, again["image"]))
     assert not all(torch.equal(a, b) for a, b in zip(crops, other["image"]))
 
@@ -138,9 +139,17 @@ def test_dino_trains_saves_its_teacher_and_releases_it(tmp_path):
         export_main([str(ckpt), "--out", str(out), *flag])
         exported = load_file(out / "model.safetensors")
         assert torch.equal(exported["blocks.0.attn.qkv.weight"], state[f"{prefix}blocks.0.attn.qkv.weight"])
-    tuned = main(tiny_args(tmp_path / "ft", "--init", str(ckpt), "--max_steps", "1", "--fewshot_steps", "0", objective="supervised"))
-    first = load_file(tmp_path / "ft/run/checkpoints/step_000001/model.safetensors")["backbone.cls_token"]
-    assert tuned["steps"] == 1 and first.shape == state["teacher_backbone.cls_token"].shape
+    import timm
+
+    plain = timm.create_model(f"local-dir:{tmp_path / 'export0'}", pretrained=True)  # the teacher, as plain timm loads it
+    torch.testing.assert_close(plain.state_dict()["blocks.0.attn.qkv.weight"], state["teacher_backbone.blocks.0.attn.qkv.weight"])
+    for init in (ckpt, tmp_path / "export0"):  # fine-tuned from the checkpoint and from the exported teacher
+        ft = tmp_path / f"ft_{init.name}"
+        tuned = main(tiny_args(ft, "--init", str(init), "--max_steps", "1", "--lr", "1e-12",
+                               "--fewshot_steps", "0", "--save_steps", "1", objective="supervised"))  # fmt: skip
+        start = load_file(ft / "run/checkpoints/step_000001/model.safetensors")["backbone.blocks.0.attn.qkv.weight"]
+        assert tuned["steps"] == 1
+        torch.testing.assert_close(start, state["teacher_backbone.blocks.0.attn.qkv.weight"], rtol=1e-4, atol=1e-6)
 
 
 def test_one_process_and_two_train_the_same_weights_teacher_and_centre(tmp_path):
