@@ -60,7 +60,7 @@ def cosine(start: float, end: float, step: int, total: int) -> float:
 
 
 def dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], centre: torch.Tensor, student_temp: float,
-              teacher_temp: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+              teacher_temp: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Cross-entropy between the centred, sharpened teacher distribution of each global view and the student's
     distribution of every other view (section 3.1, eq. 3; official DINOLoss), averaged over the pairs. Returns the
     loss and the teacher's probabilities (one per global view)."""
@@ -189,15 +189,16 @@ class DINO(Objective):
 
     def forward(self, images, labels: Optional[torch.Tensor] = None) -> StepOutput:
         o = self.options
-        views = images if isinstance(images, (list, tuple)) else [images, images]  # evaluation: one view, twice
-        n_global = min(o.global_crops, len(views)) if isinstance(images, (list, tuple)) else 1
+        training_views = isinstance(images, (list, tuple))
+        views = images if training_views else [images]  # evaluation: one view, the image as stored
+        n_global = min(o.global_crops, len(views))
         # One pass per view. (The official MultiCropWrapper concatenates the views of one size into one batch; the
         # same arithmetic, but on CPU a batch of two global views ran 27% slower than two passes.)
         student = [self.head(self.backbone(self.normalize(v))).float() for v in views]
         with torch.no_grad():
             teacher = torch.cat([self.teacher_head(self.teacher_backbone(self.normalize(v))).float() for v in views[:n_global]])
-        temp = float(self.teacher_temp_now)
-        if not isinstance(images, (list, tuple)):  # validation: the student against the teacher on the same image
+        temp = self.teacher_temp_now  # a tensor: no host sync on a GPU
+        if not training_views:  # validation: the student against the teacher on the same image
             q = F.softmax((teacher - self.centre) / temp, dim=-1)
             per_image = torch.sum(-q * F.log_softmax(student[0] / o.student_temp, dim=-1), dim=-1)
             entropy = -(q * q.clamp_min(1e-12).log()).sum(-1)
