@@ -49,6 +49,7 @@ def hold_folder(output_dir: Path, is_main: bool, flag: str = "--output_dir"):
     if not is_main:
         yield
         return
+    made = not output_dir.exists()
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -74,6 +75,8 @@ def hold_folder(output_dir: Path, is_main: bool, flag: str = "--output_dir"):
         yield
     finally:
         lock.unlink(missing_ok=True)
+        if made and output_dir.is_dir() and not any(output_dir.iterdir()):  # a run refused before it wrote anything
+            output_dir.rmdir()
 
 
 def trim_metrics(path: Path, step: int) -> None:

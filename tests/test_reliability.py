@@ -372,3 +372,17 @@ def test_export_onto_its_own_checkpoint_or_run_folder_is_refused_and_deletes_not
     with pytest.raises(UsageError):
         export_main([str(tmp_path / "nothing"), "--out", str(tmp_path / "exported"), "--overwrite"])
     assert (tmp_path / "exported/model.safetensors").exists()
+
+
+def test_a_run_that_fails_before_it_starts_leaves_no_folder_it_made(tmp_path):
+    """A refusal after the folder was taken (here: data that is not parquet) removes the folder the run created
+    for its lock, so nothing is left that looks like a run; a folder that was there before stays."""
+    bad = tmp_path / "not.parquet"
+    bad.write_text("not parquet")
+    with pytest.raises(Exception):
+        main(tiny_args(tmp_path / "fresh", "--data", f"parquet:{bad}"))
+    assert not (tmp_path / "fresh/run").exists()
+    (tmp_path / "kept/run").mkdir(parents=True)
+    with pytest.raises(Exception):
+        main(tiny_args(tmp_path / "kept", "--data", f"parquet:{bad}"))
+    assert (tmp_path / "kept/run").is_dir() and not any((tmp_path / "kept/run").iterdir())
