@@ -656,7 +656,8 @@ def print_summary(result: dict, output_dir: str) -> None:
     print("\nValidation:", ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     ckpt = result["checkpoint"]
     print(f"Checkpoint: {ckpt}")
-    print(f"Results:    {output_dir}/results.json, metrics.jsonl, figures/")
+    figures = ", figures/" if any((Path(output_dir) / "figures").glob("*.png")) else ""  # not every objective draws one
+    print(f"Results:    {output_dir}/results.json, metrics.jsonl{figures}")
     print("Next:")
     print(f"  fine-tune: ssvit finetune --init {ckpt}")
     print(f"  evaluate:  ssvit evaluate --init {ckpt}")
