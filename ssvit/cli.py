@@ -53,7 +53,7 @@ def normalize(argv: list[str]) -> list[str]:
     """--output-dir is --output_dir (flags are spelled with underscores, as Hugging Face's; dashes are accepted), and
     a --config that names a preset becomes its file."""
     out = []
-    for i, arg in enumerate(argv):
+    for arg in argv:
         if arg.startswith("--") and "-" in arg[2:].split("=")[0]:
             name, eq, value = arg[2:].partition("=")
             arg = "--" + name.replace("-", "_") + eq + value

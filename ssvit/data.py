@@ -390,15 +390,25 @@ def _hf_splits(cfg, is_main: bool) -> Splits:
     how = "its validation split" if "validation" in dd else notes.pop(0)
     if "test" in dd:
         notes.append("test: its test split")
-    make = TensorImages.from_hf if len(base) * 3 * cfg.img_size**2 <= max_cache_bytes() else HFImages
-    parts = {"train": (base, train_rows), "val": (dd.get("validation", base), held.get("validation")),
-             "test": (dd.get("test", base), held.get("test"))}  # fmt: skip
-    built = {k: make(ds, image_col, label_col, cfg.img_size, name=f"{cfg.data} {k}", is_main=is_main, rows=rows)
-             for k, (ds, rows) in parts.items() if rows is not None or (k == "val" and "validation" in dd) or (k == "test" and "test" in dd)}  # fmt: skip
+    cached = len(base) * 3 * cfg.img_size**2 <= max_cache_bytes()
+    # Each split is rows of train (held out) or the data's own split; train's images are decoded (or read from the
+    # cache) once, and every split held out of it is a slice of them.
+    parts = {"train": (base, train_rows),
+             "val": (dd["validation"], None) if "validation" in dd else (base, held["validation"]),
+             "test": (dd["test"], None) if "test" in dd else (base, held.get("test"))}  # fmt: skip
+    whole = TensorImages(_cached_images(base, image_col, cfg.img_size, f"{cfg.data} train", is_main), labels, cfg.img_size) if cached else None
+    built = {}
+    for k, (ds, rows) in parts.items():
+        if ds is base and rows is None:  # no test split
+            continue
+        if not cached:
+            built[k] = HFImages(ds, image_col, label_col, cfg.img_size, rows=rows)
+        else:
+            built[k] = whole.subset(torch.as_tensor(rows)) if ds is base else TensorImages.from_hf(ds, image_col, label_col, cfg.img_size, f"{cfg.data} {k}", is_main)
     desc = f"{cfg.data}: {len(built['train']):,} train / {len(built['val']):,} val ({how}{'; ' if notes else ''}{'; '.join(notes)})"
     if label_col is None:
         desc += "; no labels"
-    if make is HFImages:
+    if not cached:
         desc += f"; decoded per image (over the {max_cache_bytes() / 2**30:.3g} GiB uint8 cache: SSVIT_MAX_CACHE_BYTES)"
     return Splits(built["train"], built["val"], len(names), names, desc, built.get("test"))
 
@@ -636,10 +646,8 @@ class TensorImages(ImageDataset):
         self.images = images
 
     @classmethod
-    def from_hf(cls, ds, image_column, label_column, size, name, is_main=True, rows: Optional[np.ndarray] = None):
-        """The images of ds at `rows` (all: None), from the cache of all of ds decoded once."""
-        images, labels = _cached_images(ds, image_column, size, name, is_main), column(ds, label_column)
-        return cls(images, labels, size) if rows is None else cls(images[rows], labels[rows], size)
+    def from_hf(cls, ds, image_column, label_column, size, name, is_main=True):
+        return cls(_cached_images(ds, image_column, size, name, is_main), column(ds, label_column), size)
 
     def subset(self, indices: torch.Tensor) -> "TensorImages":
         return TensorImages(self.images[indices], self.labels[indices], self.size, self.augment, self.seed)
