@@ -10,6 +10,7 @@ import time
 
 import datasets
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -331,6 +332,13 @@ def test_prepare_refuses_a_truncated_jpeg_even_when_it_keeps_the_bytes(tmp_path)
     assert "0.jpg" in (tmp_path / "shards/refused.txt").read_text()
 
 
+def running(process):
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def test_a_prepare_killed_with_sigkill_leaves_no_worker_behind(tmp_path):
     folder = tmp_path / "src/a"
     folder.mkdir(parents=True)
@@ -340,19 +348,22 @@ def test_a_prepare_killed_with_sigkill_leaves_no_worker_behind(tmp_path):
     proc = subprocess.Popen([PYTHON, "-m", "ssvit.prepare", f"imagefolder:{tmp_path / 'src'}", "--out", str(tmp_path / "shards"),
                              "--max_side", "64", "--workers", "2"], cwd=ROOT, env=subprocess_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    children = set()
+    # psutil, not /proc by hand: a thread or worker that exits between listing and reading must not fail the test
+    # (reading /proc/<pid>/task/<tid>/children raced a finishing thread once in CI)
+    parent = psutil.Process(proc.pid)
+    children = []
     deadline = time.time() + 120
     while len(children) < 2 and proc.poll() is None and time.time() < deadline:
-        children = {int(c) for task in os.listdir(f"/proc/{proc.pid}/task")
-                    for c in open(f"/proc/{proc.pid}/task/{task}/children").read().split()}  # fmt: skip
+        try:
+            children = parent.children()
+        except psutil.NoSuchProcess:
+            break
         time.sleep(0.05)
     assert len(children) >= 2, "prepare's workers never started"
     proc.kill()
     proc.wait()
-    deadline = time.time() + 10
-    while any(os.path.exists(f"/proc/{c}") and "Z" not in open(f"/proc/{c}/stat").read().split()[2] for c in children):
-        assert time.time() < deadline, "a worker outlived the killed prepare"
-        time.sleep(0.1)
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not [c for c in alive if running(c)], f"a worker outlived the killed prepare: {alive}"
 
 
 # ---- export never deletes its input -----------------------------------------------------------------------------
