@@ -2,6 +2,7 @@
 module reaches into another's private names, and nothing the package ships names a path on the developer's disk."""
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -95,3 +96,23 @@ def test_no_module_of_ssvit_shadows_the_standard_library():
     standard-library one (inspect.py once) would replace it for every import."""
     names = {p.stem for p in (ROOT / "ssvit").glob("*.py")} - {"__init__", "__main__"}
     assert not names & set(sys.stdlib_module_names)
+
+
+def pages() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_a_docs_heading_holds_only_its_title():
+    """A code block pasted onto a heading's line renders as one long heading and hides the commands."""
+    fused = [f"{p.name}: {line[:60]}" for p in pages() for line in p.read_text().splitlines()
+             if re.match(r"#+ ", line) and re.search(r"\S {4,}\S", line)]  # fmt: skip
+    assert fused == []
+
+
+def test_every_relative_link_and_image_of_the_docs_exists():
+    broken = []
+    for page in pages():
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" not in target and not (page.parent / target).exists():
+                broken.append(f"{page.name} -> {target}")
+    assert len(pages()) > 5 and broken == []
