@@ -19,7 +19,7 @@ import csv
 import json
 import math
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -58,7 +58,13 @@ class Study:
     training FLOPs (counted per image of each objective with FlopCounterMode). When given, the study runs scratch and
     every objective at each budget instead of the arms (run_budget_study)."""
     pretrain_shares: list = field(default_factory=lambda: [0.5, 0.75])
-    """With budgets: the shares of a budget's FLOPs that an objective spends on pretraining, the rest on fine-tuning."""
+    """With budgets: the shares of a budget's FLOPs that an objective spends on pretraining, the rest on fine-tuning.
+    The report reads each objective at the share that is best on validation, budget by budget."""
+    frozen: bool = True
+    """Evaluate every pretraining's frozen features (few-shot, linear probe, DINO's weighted 20-NN) on the test split,
+    beside the same architecture at random initialisation."""
+    frozen_max_train: int = 10_000
+    """Un-augmented training images the linear probe and k-NN fit on (the few-shot shots are drawn from them)."""
 
     def arm_names(self) -> list[str]:
         """scratch: fine-tuning's budget only. scratch_matched: from scratch on the labelled subset for as many
@@ -157,10 +163,70 @@ def counted_flops(argv: list[str], defaults: Optional[dict] = None) -> float:
     return counter.get_total_flops() / 2
 
 
+def pretraining_images(run_dir: Path) -> int:
+    saved = saved_config(run_dir)
+    return saved["max_steps"] * saved["batch_size"] * saved["gradient_accumulation_steps"]
+
+
 def pretraining_flops(run_dir: Path) -> float:
     """FLOPs of the whole pretraining: FLOPs per image times the images it processed."""
-    saved = saved_config(run_dir)
-    return flops_per_image(run_dir) * saved["max_steps"] * saved["batch_size"] * saved["gradient_accumulation_steps"]
+    return flops_per_image(run_dir) * pretraining_images(run_dir)
+
+
+def frozen_row(study: Study, name: str, checkpoint: Optional[Path], done: Path, **extra) -> dict:
+    """Frozen-feature quality of a pretraining's released backbone, or of random weights (checkpoint None, the
+    study's architecture, seed 0, its mean patch token): few-shot linear at 1/5/10/25 shots (3 draws), a linear probe
+    and DINO's weighted 20-NN, on the test split where the data has one. Computed once into `done`, like a run."""
+    if done.exists():
+        return json.loads(done.read_text())
+    import torch
+
+    from ssvit.data import load_splits
+    from ssvit.features import evaluate_backbone, representation_for
+    from ssvit.models import build_timm_model, create_backbone
+
+    if checkpoint is None:
+        cfg = parse([*flags(study.base), "--init", "null"]).train
+        torch.manual_seed(0)
+        backbone, representation = create_backbone(cfg.model, cfg.img_size, cfg.model_kwargs), "mean"
+    else:
+        cfg = saved_train_config(checkpoint)
+        backbone, representation = build_timm_model(checkpoint)[0], representation_for(cfg.objective, "auto")
+        cfg.label_fraction = cfg.samples_per_class = None  # a supervised pretraining's features, read on all images
+    splits = load_splits(cfg)
+    split = "test" if splits.test is not None else "val"
+    measured = evaluate_backbone(backbone, replace(splits, val=splits.val if splits.test is None else splits.test), representation,
+                                 max_train=study.frozen_max_train)  # fmt: skip
+    keep = [k for k in measured if k.startswith(("fewshot", "linear_probe", "knn20", "train_images"))]
+    row = {"kind": "frozen", "arm": name, "split": split, "representation": representation, **extra,
+           **{k: measured[k] for k in keep}}  # fmt: skip
+    done.parent.mkdir(parents=True, exist_ok=True)
+    done.write_text(json.dumps(row, indent=2) + "\n")
+    return row
+
+
+def random_init_row(study: Study) -> dict:
+    return frozen_row(study, "random weights", None, Path(study.output_dir) / "runs/random_init/study_frozen.json",
+                      pretrain_images=0, pretrain_flops=0.0)  # fmt: skip
+
+
+FROZEN_HEADER = ["| pretraining | pretraining images | pretraining FLOPs | features | 1-shot | 5-shot | 10-shot | 25-shot "
+                 "| linear probe | weighted 20-NN |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+
+
+def frozen_table(rows: list[dict]) -> list[str]:
+    frozen = [r for r in rows if r["kind"] == "frozen"]
+    if not frozen:
+        return []
+    return ["", f"Frozen features on the {frozen[0]['split']} split: few-shot linear (mean of 3 draws of the shots), linear "
+                f"probe and weighted 20-NN fitted on {frozen[0]['train_images']:,} un-augmented training images.", "", *FROZEN_HEADER,
+            *map(frozen_line, frozen)]  # fmt: skip
+
+
+def frozen_line(r: dict) -> str:
+    metrics = [r.get(f"fewshot_{n}shot", float("nan")) for n in (1, 5, 10, 25)] + [r.get("linear_probe", float("nan")), r["knn20_weighted"]]
+    return (f"| {r['arm']} | {r['pretrain_images']:,} | {r['pretrain_flops']:.3g} | {r['representation']} | "
+            + " | ".join(f"{m:.2%}" for m in metrics) + " |")  # fmt: skip
 
 
 # Two-sided 95% quantiles of Student's t by degrees of freedom (seeds - 1); the normal 1.96 beyond.
@@ -240,58 +306,57 @@ def budget_plan(study: Study) -> list[Cell]:
     return cells
 
 
-def budget_pretrainings(study: Study, plan: list[Cell]) -> dict[tuple[str, int], str]:
-    """(objective, pretraining images) -> checkpoint: one pretraining per objective and size, shared by seeds and
+def budget_pretraining(study: Study, objective: str, images: int) -> Path:
+    """The checkpoint of `objective` pretrained on `images` images: one per objective and size, shared by seeds and
     label fractions."""
-    checkpoints = {}
-    for cell in plan:
-        key = (cell.objective, cell.pretrain_images)
-        if cell.objective and key not in checkpoints:
-            pretrain, _ = resolved(study, cell.objective)
-            argv = pretraining_argv(study, cell.objective, cell.pretrain_images // pretrain["batch_size"])
-            checkpoints[key] = run_once(argv, Path(study.output_dir) / "runs" / f"pretrain_{cell.objective}_{cell.pretrain_images}")["checkpoint"]
-    return checkpoints
+    pretrain, _ = resolved(study, objective)
+    argv = pretraining_argv(study, objective, images // pretrain["batch_size"])
+    return Path(run_once(argv, Path(study.output_dir) / "runs" / f"pretrain_{objective}_{images}")["checkpoint"])
 
 
 def run_budget_study(study: Study) -> list[dict]:
     """Compute on the x-axis (the paper's Figure 5 is the model): scratch and every objective at the same total
     training FLOPs, each objective splitting each budget between pretraining and fine-tuning in one or more ways.
     The report pairs each cell by seed with scratch at the same budget and, where the grid has it, scratch with the
-    same fine-tuning images."""
+    same fine-tuning images, and says where each objective passes scratch (budget_summary)."""
     root = Path(study.output_dir)
     plan = budget_plan(study)
     _, finetune = resolved(study, first_objective(study))
-    checkpoints = budget_pretrainings(study, plan)
-    flops = {}
-    rows = []
-    for seed in study.seeds:  # seed by seed, so that a partial study already has whole curves
-        for fraction in study.label_fractions:
-            for cell in plan:
-                pre, fine = cell.pretrain_images, cell.finetune_images
-                init = ["--init", checkpoints[(cell.objective, pre)]] if cell.objective else []
-                argv = [*flags(study.base), *init, *flags(with_steps(study.finetune, finetune, fine // finetune["batch_size"])),
-                        "--label_fraction", str(fraction), "--seed", str(seed), "--fewshot_steps", "0"]  # fmt: skip
-                run_dir = root / "runs" / f"finetune_{cell.arm}_images{pre + fine}_frac{fraction}_seed{seed}"
-                result = run_once(argv, run_dir, defaults=preset("finetune"))
-                pretrained = root / "runs" / f"pretrain_{cell.objective}_{pre}"
-                for key, folder in (("finetune", run_dir), (cell.objective, pretrained)):
-                    if key and key not in flops and folder.exists():
-                        flops[key] = flops_per_image(folder)
-                rows.append({"kind": "budget", "arm": cell.arm, "objective": cell.objective or "", "share": cell.share,
-                             "budget": cell.budget, "label_fraction": fraction, "seed": seed, "images": pre + fine,
-                             "pretrain_images": pre, "finetune_images": fine,
-                             "flops": fine * flops["finetune"] + (pre * flops[cell.objective] if cell.objective else 0),
-                             "top1": result.get("test/top1", result["val/top1"]), "val_top1": result["val/top1"],
-                             "split": "test" if "test/top1" in result else "val"})  # fmt: skip
-                write_budget_report(rows, root)
+    rows = [random_init_row(study)] if study.frozen else []
+    checkpoints, flops = {}, {}
+    # Budget by budget, smallest first: an interrupted study already has whole curves, every seed paired, up to
+    # the budget it reached. Each budget's pretrainings run (and their frozen features are read) before its cells.
+    for budget in sorted(set(study.budgets)):
+        cells = [c for c in plan if c.budget == budget]
+        for objective, images in dict.fromkeys((c.objective, c.pretrain_images) for c in cells if c.objective):
+            if (objective, images) in checkpoints:
+                continue
+            checkpoints[objective, images] = checkpoint = budget_pretraining(study, objective, images)
+            flops.setdefault(objective, flops_per_image(checkpoint.parents[1]))
+            if study.frozen:
+                rows.append(frozen_row(study, objective, checkpoint, checkpoint.parents[1] / "study_frozen.json",
+                                       pretrain_images=images, pretrain_flops=images * flops[objective]))  # fmt: skip
+        for seed in study.seeds:
+            for fraction in study.label_fractions:
+                for cell in cells:
+                    pre, fine = cell.pretrain_images, cell.finetune_images
+                    init = ["--init", str(checkpoints[cell.objective, pre])] if cell.objective else []
+                    argv = [*flags(study.base), *init, *flags(with_steps(study.finetune, finetune, fine // finetune["batch_size"])),
+                            "--label_fraction", str(fraction), "--seed", str(seed), "--fewshot_steps", "0"]  # fmt: skip
+                    run_dir = root / "runs" / f"finetune_{cell.arm}_images{pre + fine}_frac{fraction}_seed{seed}"
+                    result = run_once(argv, run_dir, defaults=preset("finetune"))
+                    flops.setdefault("finetune", flops_per_image(run_dir))
+                    rows.append({"kind": "budget", "arm": cell.arm, "objective": cell.objective or "", "share": cell.share,
+                                 "budget": cell.budget, "label_fraction": fraction, "seed": seed, "images": pre + fine,
+                                 "pretrain_images": pre, "finetune_images": fine,
+                                 "flops": fine * flops["finetune"] + (pre * flops[cell.objective] if cell.objective else 0),
+                                 "top1": result.get("test/top1", result["val/top1"]), "val_top1": result["val/top1"],
+                                 "split": "test" if "test/top1" in result else "val"})  # fmt: skip
+                    write_budget_report(rows, root)
     return rows
 
 
 def run_study(study: Study) -> list[dict]:
-    from ssvit.data import load_splits
-    from ssvit.features import evaluate_backbone, representation_for
-    from ssvit.models import build_timm_model
-
     root = Path(study.output_dir)
     first = first_objective(study)
     pretrained = {}
@@ -302,29 +367,24 @@ def run_study(study: Study) -> list[dict]:
         result = run_once(pretraining_argv(study, objective, extra=extra), root / "runs" / f"pretrain_{name}")
         pretrained[name] = Path(result["checkpoint"])
 
-    rows = []
-    for name, ckpt in pretrained.items():  # few-shot accuracy of each pretrained backbone (frozen)
-        done = ckpt.parents[1] / "study_fewshot.json"  # like a run: computed once, read by later invocations
-        if not done.exists():
-            cfg = saved_train_config(ckpt)
-            backbone, _ = build_timm_model(ckpt)
-            few = evaluate_backbone(backbone, load_splits(cfg), representation_for(cfg.objective, "auto"), probe=False, max_train=5000)
-            row = {"kind": "fewshot", "arm": name, "label_fraction": "", "seed": "",
-                   "pretrain_flops": pretraining_flops(ckpt.parents[1]), **{k: v for k, v in few.items() if k.startswith("fewshot")}}  # fmt: skip
-            done.write_text(json.dumps(row, indent=2) + "\n")
-        rows.append(json.loads(done.read_text()))
+    compute = {name: pretraining_flops(ckpt.parents[1]) for name, ckpt in pretrained.items()}
+    rows = [random_init_row(study)] if study.frozen else []
+    for name, ckpt in pretrained.items():  # frozen features of each pretrained backbone
+        if study.frozen:
+            rows.append(frozen_row(study, name, ckpt, ckpt.parents[1] / "study_frozen.json",
+                                   pretrain_images=pretraining_images(ckpt.parents[1]), pretrain_flops=compute[name]))  # fmt: skip
 
     for arm in study.arm_names():
         for fraction in study.label_fractions:
             if arm == "scratch_matched" and fraction >= 1:
                 continue  # with all labels, the supervised arm is scratch with the same compute
             for seed in study.seeds:
-                rows.append(finetune_row(study, arm, fraction, seed, pretrained, rows))
+                rows.append(finetune_row(study, arm, fraction, seed, pretrained, compute))
     write_report(rows, root, study.arm_names())
     return rows
 
 
-def finetune_row(study: Study, arm: str, fraction: float, seed: int, pretrained: dict, rows: list[dict]) -> dict:
+def finetune_row(study: Study, arm: str, fraction: float, seed: int, pretrained: dict, compute: dict) -> dict:
     """Fine-tune one cell (a finished run is read back) and report it: test top-1, validation beside it, and the
     images the arm processed in all (pretraining included)."""
     init = [] if arm.startswith("scratch") else ["--init", str(pretrained[arm])]
@@ -332,7 +392,7 @@ def finetune_row(study: Study, arm: str, fraction: float, seed: int, pretrained:
             "--fewshot_steps", "0"]  # the label subset and the initialisation vary with the seed
     result = run_once(argv, Path(study.output_dir) / "runs" / f"finetune_{arm}_frac{fraction}_seed{seed}", defaults=preset("finetune"))
     return {"kind": "finetune", "arm": arm, "label_fraction": fraction, "seed": seed,
-            "pretrain_flops": next((r["pretrain_flops"] for r in rows if r["arm"] == arm), 0.0),
+            "pretrain_flops": compute.get(arm, 0.0),
             "images": images_processed(study, arm),
             "top1": result.get("test/top1", result["val/top1"]), "val_top1": result["val/top1"],
             "split": "test" if "test/top1" in result else "val", "top5": result.get("test/top5", result.get("val/top5"))}  # fmt: skip
@@ -345,52 +405,120 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
+def by_seed(rows: list[dict], arm: str, fraction: float, budget: int, key: str = "top1") -> dict:
+    return {r["seed"]: r[key] for r in rows if r["kind"] == "budget" and (r["arm"], r["label_fraction"], r["budget"]) == (arm, fraction, budget)}
+
+
+def best_arm(rows: list[dict], objective: str, fraction: float, budget: int) -> Optional[str]:
+    """The objective's cell at this budget whose pretraining share is best on validation (each objective at its best,
+    chosen without the test split)."""
+    arms = {r["arm"] for r in rows if r["kind"] == "budget" and r["objective"] == objective
+            and (r["label_fraction"], r["budget"]) == (fraction, budget)}  # fmt: skip
+    return max(sorted(arms), key=lambda a: statistics.mean(by_seed(rows, a, fraction, budget, "val_top1").values()), default=None)
+
+
+def saturation(curve: dict[int, float]) -> Optional[int]:
+    """The first budget from which doubling it gains under one point (per doubling, between neighbouring budgets)."""
+    budgets = sorted(curve)
+    for low, high in zip(budgets, budgets[1:]):
+        if (curve[high] - curve[low]) / math.log2(high / low) < 0.01:
+            return low
+    return None
+
+
+def budget_summary(rows: list[dict]) -> list[str]:
+    """What a study says, per label fraction: where scratch saturates, and for each objective (at the share best on
+    validation) the budget from which it stays ahead of scratch at the same FLOPs and its paired gain at the largest
+    budget."""
+    cells = [r for r in rows if r["kind"] == "budget"]
+    lines = ["", "Per objective, at each budget the pretraining share that is best on validation; gains paired by seed against "
+                 "scratch at the same FLOPs, on the test split.", "",
+             "| label fraction | objective | ahead of scratch from budget | largest budget | share there | minus scratch there | seeds |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    notes = []
+    for fraction in sorted({r["label_fraction"] for r in cells}):
+        scratch = {b: statistics.mean(by_seed(rows, "scratch", fraction, b).values())
+                   for b in sorted({r["budget"] for r in cells if r["arm"] == "scratch" and r["label_fraction"] == fraction})}  # fmt: skip
+        if not scratch:
+            continue
+        knee = saturation(scratch)
+        top = max(scratch)
+        if knee is None:
+            low = sorted(scratch)[-2] if len(scratch) > 1 else top
+            slope = (scratch[top] - scratch[low]) / math.log2(top / low) if top > low else float("nan")
+            notes.append(f"At {fraction:g} of the labels scratch is not saturated within the range: {slope:+.2%} per doubling "
+                         f"between its two largest budgets ({low:,} and {top:,}).")  # fmt: skip
+        else:
+            notes.append(f"At {fraction:g} of the labels scratch saturates at a budget of {knee:,} (doubling it gains under one "
+                         f"point from there); the largest budget is {top / knee:g}x that.")  # fmt: skip
+        for objective in dict.fromkeys(r["objective"] for r in cells if r["objective"]):
+            gains = {}
+            for budget in scratch:
+                arm = best_arm(rows, objective, fraction, budget)
+                if arm is not None:
+                    gains[budget] = (arm, paired_difference(by_seed(rows, arm, fraction, budget), by_seed(rows, "scratch", fraction, budget)))
+            measured = [b for b in gains if gains[b][1]]
+            if not measured:
+                continue
+            ahead = [b for i, b in enumerate(measured) if all(gains[c][1][0] > 0 for c in measured[i:])]
+            last = measured[-1]
+            arm, (mean, ci) = gains[last]
+            share = next(r["share"] for r in cells if r["arm"] == arm)
+            seeds = len(set(by_seed(rows, arm, fraction, last)) & set(by_seed(rows, "scratch", fraction, last)))
+            lines.append(f"| {fraction:g} | {objective} | {f'{ahead[0]:,}' if ahead else 'not within the range'} | {last:,} | "
+                         f"{share:.0%} | {mean:+.2%} ± {ci:.2%}{' (excludes zero)' if abs(mean) > ci else ''} | {seeds} |")  # fmt: skip
+    return [*lines, "", *notes] if len(lines) > 5 else []
+
+
 def write_budget_report(rows: list[dict], root: Path) -> None:
-    """results.csv, results.md (every cell: mean ± 95% CI over seeds, gains paired by seed) and
-    accuracy_vs_compute.png (top-1 against total training FLOPs, one panel per label fraction)."""
+    """results.csv, results.md (every cell: mean ± 95% CI over seeds, gains paired by seed; where each objective
+    passes scratch; the frozen features of every pretraining) and accuracy_vs_compute.png (top-1 against total
+    training FLOPs, images of fine-tuning on the top axis, one panel per label fraction)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     write_csv(rows, root / "results.csv")
-    split = rows[0]["split"]
-    by = lambda arm, fraction, budget, key="top1": {r["seed"]: r[key] for r in rows  # noqa: E731
-                                                    if (r["arm"], r["label_fraction"], r["budget"]) == (arm, fraction, budget)}  # fmt: skip
+    budget_rows = [r for r in rows if r["kind"] == "budget"]
+    split = budget_rows[0]["split"]
     lines = [f"Fine-tuning top-1 on the {split} split (validation beside it), mean ± 95% CI over seeds; gains paired by seed "
              f"against scratch at the same budget (the same training FLOPs), and with the same fine-tuning images where the "
              f"grid has it.", "",
              f"| arm | label fraction | budget | pretraining + fine-tuning images | total FLOPs | {split} top-1 "
              f"| validation top-1 | minus scratch (same FLOPs) | minus scratch (same fine-tuning images) | seeds |",
              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    cells = {(r["arm"], r["label_fraction"], r["budget"]): r for r in rows}
+    cells = {(r["arm"], r["label_fraction"], r["budget"]): r for r in budget_rows}
     fractions = sorted({c[1] for c in cells})
-    fig, axes = plt.subplots(1, len(fractions), figsize=(5 * len(fractions), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(fractions), figsize=(5.5 * len(fractions), 4.5), squeeze=False)
     panels = dict(zip(fractions, axes[0]))
     curves = {}
     for (arm, fraction, budget), r in sorted(cells.items(), key=lambda c: (c[0][1], c[0][0] != "scratch", c[0][0], c[0][2])):
-        top1 = by(arm, fraction, budget)
+        top1 = by_seed(rows, arm, fraction, budget)
         mean, ci = statistics.mean(top1.values()), confidence_interval(list(top1.values()))
-        flops = statistics.mean(x["flops"] for x in rows if (x["arm"], x["label_fraction"], x["budget"]) == (arm, fraction, budget))
+        flops = statistics.mean(x["flops"] for x in budget_rows if (x["arm"], x["label_fraction"], x["budget"]) == (arm, fraction, budget))
         fine = r["finetune_images"]
-        gains = [paired_difference(top1, by("scratch", fraction, ref)) if arm != "scratch" else None for ref in (budget, fine)]
+        gains = [paired_difference(top1, by_seed(rows, "scratch", fraction, ref)) if arm != "scratch" else None for ref in (budget, fine)]
         gains = [f"{g[0]:+.2%} ± {g[1]:.2%}" if g else "" for g in gains]
         spread = "" if math.isnan(ci) else f" ± {ci:.2%}"  # one seed has no interval
         lines.append(f"| {arm} | {fraction:g} | {budget:,} | {r['pretrain_images']:,} + {fine:,} | {flops:.3g} | {mean:.2%}{spread} | "
-                     f"{statistics.mean(by(arm, fraction, budget, 'val_top1').values()):.2%} | {gains[0]} | {gains[1]} | {len(top1)} |")  # fmt: skip
+                     f"{statistics.mean(by_seed(rows, arm, fraction, budget, 'val_top1').values()):.2%} | {gains[0]} | {gains[1]} | {len(top1)} |")  # fmt: skip
         label = arm if not r["objective"] else f"{r['objective']}, {r['share']:.0%} of the budget pretraining"
         curves.setdefault((label, fraction), []).append((flops, mean, 0 if math.isnan(ci) else ci))
     for (label, fraction), points in curves.items():
         xs, ys, cis = zip(*points)
         panels[fraction].errorbar(xs, ys, yerr=cis, marker="o", capsize=3, label=label)
+    per_image = statistics.mean(r["flops"] / r["budget"] for r in budget_rows if r["arm"] == "scratch")  # fine-tuning's
     for fraction, ax in panels.items():
         ax.set(xscale="log", xlabel="total training compute (FLOPs, pretraining + fine-tuning)", ylabel=f"{split} top-1",
                title=f"{fraction:.0%} of the labels")  # fmt: skip
+        top = ax.secondary_xaxis("top", functions=(lambda f: f / per_image, lambda n: n * per_image))
+        top.set_xlabel("budget (images of fine-tuning from scratch)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(root / "accuracy_vs_compute.png", dpi=150)
     plt.close(fig)
-    (root / "results.md").write_text("\n".join(lines) + "\n")
+    (root / "results.md").write_text("\n".join([*lines, *budget_summary(rows), *frozen_table(rows)]) + "\n")
 
 
 def write_report(rows: list[dict], root: Path, arms: list[str]) -> None:
@@ -402,9 +530,9 @@ def write_report(rows: list[dict], root: Path, arms: list[str]) -> None:
     write_csv(rows, root / "results.csv")
 
     split = next((r["split"] for r in rows if r["kind"] == "finetune"), "val")
-    lines = [f"Fine-tuning top-1 on the {split} split (validation beside it), mean ± 95% CI over seeds; gains paired by seed.", "",
+    lines = [] if not any(r["kind"] == "finetune" for r in rows) else [f"Fine-tuning top-1 on the {split} split (validation beside it), mean ± 95% CI over seeds; gains paired by seed.", "",
              f"| arm | label fraction | images processed | {split} top-1 | validation top-1 | minus scratch (fine-tuning budget) "
-             f"| minus scratch (same images) | seeds |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             f"| minus scratch (same images) | seeds |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip (no table without fine-tuning)
     fractions = sorted({r["label_fraction"] for r in rows if r["kind"] == "finetune"})
     series = {}
     for arm in arms:
@@ -423,10 +551,7 @@ def write_report(rows: list[dict], root: Path, arms: list[str]) -> None:
             images = next(r["images"] for r in rows if r["kind"] == "finetune" and r["arm"] == arm and r["label_fraction"] == fraction)
             lines.append(f"| {arm} | {fraction:g} | {images:,} | {mean:.2%} ± {ci:.2%} | {statistics.mean(val):.2%} | "
                          f"{gains[0]} | {gains[1]} | {len(top1)} |")  # fmt: skip
-    lines += ["", "| pretraining | pretraining FLOPs | 1-shot | 5-shot | 10-shot | 25-shot |", "|---|---|---|---|---|---|"]
-    for r in (r for r in rows if r["kind"] == "fewshot"):
-        shots = " | ".join(f"{r.get(f'fewshot_{n}shot', float('nan')):.2%}" for n in (1, 5, 10, 25))
-        lines.append(f"| {r['arm']} | {r['pretrain_flops']:.3g} | {shots} |")
+    lines += frozen_table(rows)
     (root / "results.md").write_text("\n".join(lines) + "\n")
 
     fig, ax = plt.subplots(figsize=(5, 4))
@@ -434,17 +559,19 @@ def write_report(rows: list[dict], root: Path, arms: list[str]) -> None:
         xs, ys, cis = zip(*points)
         ax.errorbar(xs, ys, yerr=cis, marker="o", capsize=3, label=arm)
     ax.set(xscale="log", xlabel="fraction of training labels", ylabel=f"{split} top-1", title="Fine-tuning accuracy")
-    ax.legend()
+    if series:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(root / "accuracy_vs_labels.png", dpi=150)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 4))
-    for r in (r for r in rows if r["kind"] == "fewshot"):
+    for r in (r for r in rows if r["kind"] == "frozen" and r["pretrain_flops"]):
         ax.scatter(r["pretrain_flops"], r.get("fewshot_25shot", float("nan")), label=r["arm"])
     ax.set(xscale="log", xlabel="pretraining compute (FLOPs, counted)", ylabel="25-shot linear accuracy",
            title="Few-shot accuracy against pretraining compute")  # fmt: skip
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(root / "fewshot_vs_compute.png", dpi=150)
     plt.close(fig)

@@ -2,11 +2,12 @@
 
 import csv
 import json
+from typing import Optional
 
 import pytest
 import yaml
 
-from ssvit.compare import confidence_interval, flops_per_image, main, paired_difference
+from ssvit.compare import budget_summary, confidence_interval, flops_per_image, main, paired_difference, saturation
 from ssvit.errors import UsageError
 
 from conftest import TINY_VIT
@@ -38,14 +39,19 @@ def test_tiny_study_writes_table_and_plots_and_skips_finished_cells(tmp_path):
     matched = json.loads((root / "runs/finetune_scratch_matched_frac0.5_seed0/results.json").read_text())
     assert matched["steps"] == 2 + 2 * 16 // 16  # as many images as masked-patch pretraining plus fine-tuning
     assert {r["images"] for r in finetunes if r["arm"] in ("scratch_matched", "masked_patch")} == {4 * 16}
-    assert {r["arm"] for r in rows if r["kind"] == "fewshot"} == {"supervised", "masked_patch", "masked_patch_mask_ratio_0.15"}
-    assert all(r["pretrain_flops"] > 0 for r in rows if r["kind"] == "fewshot")
+    frozen = {r["arm"]: r for r in rows if r["kind"] == "frozen"}
+    assert set(frozen) == {"random weights", "supervised", "masked_patch", "masked_patch_mask_ratio_0.15"}
+    assert {r["split"] for r in frozen.values()} == {"test"}  # frozen features are read on the test split too
+    for name, r in frozen.items():
+        assert (r["pretrain_flops"] > 0) == (name != "random weights") and r["pretrain_images"] == (0 if name == "random weights" else 32)
+        assert all(0 <= r[k] <= 1 for k in ("fewshot_5shot", "linear_probe", "knn20_weighted"))
+    assert frozen["masked_patch"]["representation"] == "mean" and frozen["supervised"]["representation"] == "prelogits"
     assert len(list(csv.DictReader((root / "results.csv").open()))) == len(rows)
     report = (root / "results.md").read_text()
-    assert "test top-1" in report and "minus scratch (same images)" in report
+    assert "test top-1" in report and "minus scratch (same images)" in report and "| random weights | 0 | 0 | mean |" in report
     # A second invocation reuses every finished run.
-    stamps = {p: p.stat().st_mtime_ns for p in [*root.glob("runs/*/results.json"), *root.glob("runs/*/study_fewshot.json")]}
-    assert len(stamps) == (4 * 2 - 1) * 2 + 3 + 3  # fine-tunings, pretrainings and their few-shot evaluations
+    stamps = {p: p.stat().st_mtime_ns for p in [*root.glob("runs/*/results.json"), *root.glob("runs/*/study_frozen.json")]}
+    assert len(stamps) == (4 * 2 - 1) * 2 + 3 + 3 + 1  # fine-tunings, pretrainings, their frozen features, random weights
     again = main(["--config", str(config)])
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert again == rows
@@ -82,9 +88,17 @@ def test_budget_study_runs_every_cell_at_its_total_and_pairs_gains(tmp_path):
     }  # fmt: skip
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump(study))
-    rows = main(["--config", str(config)])
+    everything = main(["--config", str(config)])
     root = tmp_path / "study"
+    rows = [r for r in everything if r["kind"] == "budget"]
     assert len(rows) == 2 * (1 + 2 * 2) * 2  # budgets x (scratch + 2 objectives x 2 shares) x seeds
+    # Budget by budget, smallest first: an interrupted study has whole curves up to where it reached.
+    assert [r["budget"] for r in rows] == sorted(r["budget"] for r in rows)
+    # Every pretraining's frozen features once, beside random weights, on the test split.
+    frozen = [r for r in everything if r["kind"] == "frozen"]
+    sizes = {(r["objective"], r["pretrain_images"]) for r in rows if r["objective"]}
+    assert sorted((r["arm"], r["pretrain_images"]) for r in frozen) == sorted([("random weights", 0), *sizes])
+    assert {r["split"] for r in frozen} == {"test"}
     for r in rows:
         assert r["pretrain_images"] + r["finetune_images"] == r["images"] and r["split"] == "test"
         steps = json.loads((root / f"runs/finetune_{r['arm']}_images{r['images']}_frac0.5_seed{r['seed']}/results.json").read_text())["steps"]
@@ -106,15 +120,47 @@ def test_budget_study_runs_every_cell_at_its_total_and_pairs_gains(tmp_path):
     assert scratch[64] == 2 * scratch[32] > 0
     assert all(r["flops"] > 0 for r in rows)
     report = (root / "results.md").read_text()
-    assert "minus scratch (same FLOPs)" in report
+    assert "minus scratch (same FLOPs)" in report and "ahead of scratch from budget" in report and "weighted 20-NN" in report
+    assert "0.5 of the labels scratch" in report
     line = next(l for l in report.splitlines() if l.startswith("| masked_patch0.5 | 0.5 | 64 |"))
     assert line.split("|")[-3].strip()  # same fine-tuning images (32) is in the grid: a paired gain is reported
     assert (root / "accuracy_vs_compute.png").stat().st_size > 0
-    assert len(list(csv.DictReader((root / "results.csv").open()))) == len(rows)
+    assert len(list(csv.DictReader((root / "results.csv").open()))) == len(everything)
     # A changed recipe does not silently reuse the finished runs made with the old one.
     config.write_text(yaml.safe_dump({**study, "finetune": {**study["finetune"], "lr": 0.5}}))
     with pytest.raises(UsageError, match=r"was made with other settings \(lr: 0\.01 there, 0\.5 now\)"):
         main(["--config", str(config)])
+
+
+def budget_rows(curves: dict, val: Optional[dict] = None) -> list[dict]:
+    """Rows of a budget study: arm -> {budget: [top-1 of seed 0, seed 1, ...]}."""
+    return [{"kind": "budget", "arm": arm, "objective": "" if arm == "scratch" else arm.rstrip("0123456789."),
+             "share": 0.0 if arm == "scratch" else float(arm[len(arm.rstrip("0123456789.")):]), "label_fraction": 0.1,
+             "budget": budget, "seed": seed, "top1": top1, "val_top1": (val or {}).get(arm, {}).get(budget, [top1] * 9)[seed]}
+            for arm, curve in curves.items() for budget, accs in curve.items() for seed, top1 in enumerate(accs)]  # fmt: skip
+
+
+def test_saturation_is_the_first_budget_from_which_a_doubling_gains_under_one_point():
+    assert saturation({1: 0.30, 2: 0.34, 4: 0.36, 8: 0.365, 16: 0.37}) == 4
+    assert saturation({1: 0.30, 4: 0.325, 16: 0.35}) is None  # 1.25 points per doubling, over two doublings each
+    assert saturation({1: 0.30, 4: 0.315, 16: 0.32}) == 1
+
+
+def test_budget_summary_names_where_an_objective_stays_ahead_and_reads_each_objective_at_its_best_share():
+    scratch = {1: [0.30, 0.31], 2: [0.35, 0.36], 4: [0.40, 0.41], 8: [0.42, 0.43]}
+    rows = budget_rows({
+        "scratch": scratch,
+        "mpp0.5": {1: [0.32, 0.33], 2: [0.34, 0.35], 4: [0.42, 0.44], 8: [0.45, 0.46]},  # ahead at 1, behind at 2, ahead from 4
+        "mpp0.75": {1: [0.10, 0.10], 2: [0.10, 0.10], 4: [0.10, 0.10], 8: [0.60, 0.62]},  # best on test at 8, worst on validation
+        "mae0.5": {1: [0.20, 0.21], 2: [0.25, 0.26], 4: [0.30, 0.31], 8: [0.32, 0.33]},  # always behind
+    }, val={"mpp0.75": {b: [0.0, 0.0] for b in scratch}})  # fmt: skip
+    lines = [line for line in budget_summary(rows) if line.startswith("| 0.1 |")]
+    mpp, mae = (next(line for line in lines if f"| {name} |" in line) for name in ("mpp", "mae"))
+    # ahead from budget 4 (not 1: it falls behind at 2); at 8 the share best on validation (50%), not the 75% cell
+    assert mpp.split("|")[3:7] == [" 4 ", " 8 ", " 50% ", " +3.00% ± 0.00% (excludes zero) "]
+    assert mae.split("|")[3].strip() == "not within the range"
+    notes = " ".join(budget_summary(rows))
+    assert "not saturated within the range: +2.00% per doubling between its two largest budgets (4 and 8)" in notes
 
 
 def test_budget_study_refuses_a_split_that_is_not_whole_batches_before_any_run(tmp_path):

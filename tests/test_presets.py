@@ -81,6 +81,11 @@ def test_preset_trains_for_two_steps(path, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "run/results.json").read_text())["steps"] == 2
 
 
+def shrunk(flags: dict) -> dict:
+    """A study's own step counts (an objective's, at equal FLOPs) cut to the tiny run's."""
+    return {k: TINY[k] for k in ("max_steps", "warmup_steps") if k in flags}
+
+
 def run_study_preset(study: dict, tmp_path) -> None:
     base = tiny(study["base"])
     needs_shared(base["data"])
@@ -89,11 +94,15 @@ def run_study_preset(study: dict, tmp_path) -> None:
         "output_dir": str(tmp_path / "study"),
         "base": base,
         "pretrain": {**study["pretrain"], **{k: TINY[k] for k in ("max_steps", "warmup_steps", "batch_size")}},
-        "objectives": {o: {**v, **SHRINK_DECODER.get(o, {})} for o, v in study.get("objectives", {"masked_patch": {}}).items()},
+        "objectives": {o: {**v, **SHRINK_DECODER.get(o, {}), **shrunk(v)} for o, v in study.get("objectives", {"masked_patch": {}}).items()},
+        "supervised": {**study.get("supervised", {}), **shrunk(study.get("supervised", {}))},
         "finetune": {**study["finetune"], **{k: TINY[k] for k in ("max_steps", "warmup_steps", "batch_size")}},
         "label_fractions": study["label_fractions"][:1],
         "seeds": study["seeds"][:1],
         "ablations": dict(list(study.get("ablations", {}).items())[:1]),
+        # the frozen-feature evaluation is test_compare's: here, that the preset's recipe runs (unless it is all it does)
+        "frozen": not study["label_fractions"],
+        "frozen_max_train": 500,
     }
     for name, extra in tiny_study["ablations"].items():
         tiny_study["ablations"][name] = {**extra, **{k: TINY[k] for k in ("max_steps", "warmup_steps") if k in extra}}
@@ -104,8 +113,11 @@ def run_study_preset(study: dict, tmp_path) -> None:
     rows = compare.main(["--config", str(config)])
     if study.get("budgets"):
         arms = {f"{o}{s:g}" for o in study.get("objectives", {"masked_patch": {}}) for s in tiny_study["pretrain_shares"]}
-        assert {r["arm"] for r in rows} == {"scratch", *arms}
-        assert {r["budget"] for r in rows} == {32} and (tmp_path / "study/accuracy_vs_compute.png").exists()
+        assert {r["arm"] for r in rows if r["kind"] == "budget"} == {"scratch", *arms}
+        assert {r["budget"] for r in rows if r["kind"] == "budget"} == {32} and (tmp_path / "study/accuracy_vs_compute.png").exists()
+        return
+    if not study["label_fractions"]:  # frozen features only
+        assert {r["arm"] for r in rows} == {"random weights", *study["arms"]} and {r["kind"] for r in rows} == {"frozen"}
         return
     arms = {r["arm"] for r in rows if r["kind"] == "finetune"}
     expected = compare.Study(**{k: v for k, v in tiny_study.items() if k in compare.Study.__dataclass_fields__}).arm_names()
