@@ -184,6 +184,7 @@ def frozen_row(study: Study, name: str, checkpoint: Optional[Path], done: Path, 
     from ssvit.data import load_splits
     from ssvit.features import evaluate_backbone, representation_for
     from ssvit.models import build_timm_model, create_backbone
+    from ssvit.train import share_cores
 
     if checkpoint is None:
         cfg = parse([*flags(study.base), "--init", "null"]).train
@@ -193,6 +194,7 @@ def frozen_row(study: Study, name: str, checkpoint: Optional[Path], done: Path, 
         cfg = saved_train_config(checkpoint)
         backbone, representation = build_timm_model(checkpoint)[0], representation_for(cfg.objective, "auto")
         cfg.label_fraction = cfg.samples_per_class = None  # a supervised pretraining's features, read on all images
+    share_cores(cfg.cpu_threads)  # this may run before any training has claimed the cores back from accelerate launch
     splits = load_splits(cfg)
     split = "test" if splits.test is not None else "val"
     measured = evaluate_backbone(backbone, replace(splits, val=splits.val if splits.test is None else splits.test), representation,

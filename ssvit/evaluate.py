@@ -26,7 +26,7 @@ def run_command(argv=None) -> dict:
     from ssvit.config import TrainConfig, saved_train_config
     from ssvit.data import load_splits
     from ssvit.models import create_backbone, load_init
-    from ssvit.train import cpu_has_bf16
+    from ssvit.train import cpu_has_bf16, share_cores
 
     p = make_parser("ssvit-evaluate", __doc__)
     p.add_argument("--init", required=True, help="ssvit checkpoint folder, or timm:<name> (with --img_size and --data)")
@@ -51,6 +51,7 @@ def run_command(argv=None) -> dict:
         cfg = saved_train_config(args.init)
     if args.data:
         cfg.data = args.data
+    share_cores(cfg.cpu_threads)  # every core, also under accelerate launch (which sets OMP_NUM_THREADS=1)
     torch.manual_seed(0)  # a reproducible random initialisation for --random_init
     backbone = create_backbone(cfg.model, cfg.img_size, cfg.model_kwargs)
     if not args.random_init:

@@ -166,10 +166,16 @@ def make_accelerator(cfg: TrainConfig, trackers: list) -> Accelerator:
         log_with=trackers,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs")),
     )
-    if accelerator.device.type == "cpu":  # accelerate launch sets OMP_NUM_THREADS=1: share the cores instead
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-        torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 1) // local))
+    if accelerator.device.type == "cpu":
+        share_cores(cfg.cpu_threads, accelerator.num_processes)
     return accelerator
+
+
+def share_cores(cpu_threads: Optional[int] = None, processes: int = 1) -> None:
+    """torch threads for this process: cpu_threads, else the machine's cores shared by the processes on it.
+    accelerate launch sets OMP_NUM_THREADS=1, which would leave all but one core idle."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", processes))
+    torch.set_num_threads(cpu_threads or max(1, (os.cpu_count() or 1) // local))
 
 
 def train_step(accelerator: Accelerator, model, optimizer, images: torch.Tensor, labels: torch.Tensor,

@@ -177,3 +177,25 @@ def test_budget_study_refuses_a_split_that_is_not_whole_batches_before_any_run(t
     with pytest.raises(UsageError, match="budgets: 64000.0 is not a number of images"):
         main(["--config", str(config)])
     assert not (tmp_path / "study").exists()
+
+
+def test_a_frozen_evaluation_shares_the_cores_as_training_does(tmp_path):
+    """`accelerate launch` sets OMP_NUM_THREADS=1; a study's first frozen evaluation (random weights) ran before any
+    training had claimed the cores back, on one thread: half the speed on 2 cores."""
+    import os
+
+    import torch
+
+    from ssvit.compare import Study, random_init_row
+
+    model_kwargs = yaml.safe_load(TINY_VIT[TINY_VIT.index("--model_kwargs") + 1])
+    study = Study(output_dir=str(tmp_path / "study"), frozen_max_train=50,
+                  base={"model": "vit_tiny_patch16_224", "model_kwargs": model_kwargs, "img_size": 16, "data": "synthetic:100"})  # fmt: skip
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        row = random_init_row(study)
+        assert torch.get_num_threads() == (os.cpu_count() or 1)
+    finally:
+        torch.set_num_threads(before)
+    assert row["arm"] == "random weights" and row["train_images"] == 50
