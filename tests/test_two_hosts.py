@@ -33,16 +33,17 @@ def losses(run) -> dict[int, float]:
 
 
 def test_two_hosts_train_together_resume_exactly_and_fail_fast_when_one_dies(tmp_path, shards):
-    common = ["--max_steps", "150", "--save_steps", "20", "--eval_steps", "150", "--fewshot_steps", "0"]
+    steps = 60  # killed after the step-20 checkpoint, then 40 steps that must replay the uninterrupted run
+    common = ["--max_steps", str(steps), "--save_steps", "20", "--eval_steps", str(steps), "--fewshot_steps", "0"]
     with two_hosts() as hosts:
         # Uninterrupted: both hosts end with the same weights, each process trained on its half of every batch.
         straight = tiny_args(tmp_path / "straight", *common)
         assert run_two_hosts(hosts, straight, tmp_path, "straight") == [0, 0], log_tail(tmp_path, "straight")
         result = json.loads((tmp_path / "straight/run/results.json").read_text())
-        assert result["num_processes"] == 2 and result["steps"] == 150
+        assert result["num_processes"] == 2 and result["steps"] == steps
         a, b = result["param_checksums"]
         assert a == b
-        assert result["images_per_process"] == [150 * 16 // 2] * 2  # --batch_size 16 is global: 8 per process
+        assert result["images_per_process"] == [steps * 16 // 2] * 2  # --batch_size 16 is global: 8 per process
 
         # Streamed for one epoch (13 steps: 235 images, 2 processes of 1 worker, 8 images each per step): each host
         # read its own row groups of the shards, none read by both.
