@@ -176,9 +176,12 @@ def pretraining_flops(run_dir: Path) -> float:
 def frozen_row(study: Study, name: str, checkpoint: Optional[Path], done: Path, **extra) -> dict:
     """Frozen-feature quality of a pretraining's released backbone, or of random weights (checkpoint None, the
     study's architecture, seed 0, its mean patch token): few-shot linear at 1/5/10/25 shots (3 draws), a linear probe
-    and DINO's weighted 20-NN, on the test split where the data has one. Computed once into `done`, like a run."""
-    if done.exists():
-        return json.loads(done.read_text())
+    and DINO's weighted 20-NN, on the test split where the data has one. Computed once into `done`, like a run, and
+    measured again when the evaluation it was made with (the weights, the fit's size, the random architecture) differs."""
+    made_with = {"checkpoint": str(checkpoint), "max_train": study.frozen_max_train, "base": study.base if checkpoint is None else None}
+    saved = json.loads(done.read_text()) if done.exists() else {}
+    if saved.pop("made_with", None) == made_with:
+        return saved
     import torch
 
     from ssvit.data import load_splits
@@ -203,7 +206,7 @@ def frozen_row(study: Study, name: str, checkpoint: Optional[Path], done: Path, 
     row = {"kind": "frozen", "arm": name, "split": split, "representation": representation, **extra,
            **{k: measured[k] for k in keep}}  # fmt: skip
     done.parent.mkdir(parents=True, exist_ok=True)
-    done.write_text(json.dumps(row, indent=2) + "\n")
+    done.write_text(json.dumps({**row, "made_with": made_with}, indent=2) + "\n")
     return row
 
 
@@ -419,13 +422,14 @@ def best_arm(rows: list[dict], objective: str, fraction: float, budget: int) -> 
     return max(sorted(arms), key=lambda a: statistics.mean(by_seed(rows, a, fraction, budget, "val_top1").values()), default=None)
 
 
+def per_doubling(curve: dict[int, float], low: int, high: int) -> float:
+    return (curve[high] - curve[low]) / math.log2(high / low)
+
+
 def saturation(curve: dict[int, float]) -> Optional[int]:
     """The first budget from which doubling it gains under one point (per doubling, between neighbouring budgets)."""
     budgets = sorted(curve)
-    for low, high in zip(budgets, budgets[1:]):
-        if (curve[high] - curve[low]) / math.log2(high / low) < 0.01:
-            return low
-    return None
+    return next((low for low, high in zip(budgets, budgets[1:]) if per_doubling(curve, low, high) < 0.01), None)
 
 
 def budget_summary(rows: list[dict]) -> list[str]:
@@ -445,12 +449,11 @@ def budget_summary(rows: list[dict]) -> list[str]:
             continue
         knee = saturation(scratch)
         top = max(scratch)
-        if knee is None:
-            low = sorted(scratch)[-2] if len(scratch) > 1 else top
-            slope = (scratch[top] - scratch[low]) / math.log2(top / low) if top > low else float("nan")
-            notes.append(f"At {fraction:g} of the labels scratch is not saturated within the range: {slope:+.2%} per doubling "
-                         f"between its two largest budgets ({low:,} and {top:,}).")  # fmt: skip
-        else:
+        if knee is None and len(scratch) > 1:  # one budget says nothing of a slope
+            low = sorted(scratch)[-2]
+            notes.append(f"At {fraction:g} of the labels scratch is not saturated within the range: {per_doubling(scratch, low, top):+.2%} "
+                         f"per doubling between its two largest budgets ({low:,} and {top:,}).")  # fmt: skip
+        elif knee is not None:
             notes.append(f"At {fraction:g} of the labels scratch saturates at a budget of {knee:,} (doubling it gains under one "
                          f"point from there); the largest budget is {top / knee:g}x that.")  # fmt: skip
         for objective in dict.fromkeys(r["objective"] for r in cells if r["objective"]):
@@ -462,12 +465,12 @@ def budget_summary(rows: list[dict]) -> list[str]:
             measured = [b for b in gains if gains[b][1]]
             if not measured:
                 continue
-            ahead = [b for i, b in enumerate(measured) if all(gains[c][1][0] > 0 for c in measured[i:])]
+            ahead = next((b for i, b in enumerate(measured) if all(gains[c][1][0] > 0 for c in measured[i:])), None)
             last = measured[-1]
             arm, (mean, ci) = gains[last]
             share = next(r["share"] for r in cells if r["arm"] == arm)
             seeds = len(set(by_seed(rows, arm, fraction, last)) & set(by_seed(rows, "scratch", fraction, last)))
-            lines.append(f"| {fraction:g} | {objective} | {f'{ahead[0]:,}' if ahead else 'not within the range'} | {last:,} | "
+            lines.append(f"| {fraction:g} | {objective} | {f'{ahead:,}' if ahead else 'not within the range'} | {last:,} | "
                          f"{share:.0%} | {mean:+.2%} ± {ci:.2%}{' (excludes zero)' if abs(mean) > ci else ''} | {seeds} |")  # fmt: skip
     return [*lines, "", *notes] if len(lines) > 5 else []
 

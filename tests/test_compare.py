@@ -199,3 +199,16 @@ def test_a_frozen_evaluation_shares_the_cores_as_training_does(tmp_path):
     finally:
         torch.set_num_threads(before)
     assert row["arm"] == "random weights" and row["train_images"] == 50
+
+
+def test_a_frozen_row_is_reused_only_for_the_same_evaluation(tmp_path):
+    """A reused output_dir with other frozen settings (here the training images the probe fits on) measures again
+    instead of reporting the old evaluation under the new settings."""
+    from ssvit.compare import Study, random_init_row
+
+    model_kwargs = yaml.safe_load(TINY_VIT[TINY_VIT.index("--model_kwargs") + 1])
+    base = {"model": "vit_tiny_patch16_224", "model_kwargs": model_kwargs, "img_size": 16, "data": "synthetic:100", "cpu_threads": 1}
+    first = random_init_row(Study(output_dir=str(tmp_path / "study"), frozen_max_train=50, base=base))
+    assert first["train_images"] == 50
+    assert random_init_row(Study(output_dir=str(tmp_path / "study"), frozen_max_train=50, base=base)) == first
+    assert random_init_row(Study(output_dir=str(tmp_path / "study"), frozen_max_train=30, base=base))["train_images"] == 30
