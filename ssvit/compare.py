@@ -199,6 +199,9 @@ def frozen_row(study: Study, name: str, checkpoint: Optional[Path], done: Path, 
         cfg.label_fraction = cfg.samples_per_class = None  # a supervised pretraining's features, read on all images
     share_cores(cfg.cpu_threads)  # this may run before any training has claimed the cores back from accelerate launch
     splits = load_splits(cfg)
+    if not splits.num_classes:
+        raise UsageError(f"frozen features are scored against labels: {cfg.data} has none. Set frozen: false in the study, "
+                         f"or give data with labels (an image folder with a subfolder per class, or a label column).")  # fmt: skip
     split = "test" if splits.test is not None else "val"
     measured = evaluate_backbone(backbone, replace(splits, val=splits.val if splits.test is None else splits.test), representation,
                                  max_train=study.frozen_max_train)  # fmt: skip
@@ -364,6 +367,7 @@ def run_budget_study(study: Study) -> list[dict]:
 def run_study(study: Study) -> list[dict]:
     root = Path(study.output_dir)
     first = first_objective(study)
+    rows = [random_init_row(study)] if study.frozen else []  # first: data it cannot score is refused before any training
     pretrained = {}
     # name -> (objective, its extra flags): the arms' pretrainings, then the ablations of the first objective.
     pretrainings = {name: (name, {}) for name in ("supervised", *study.objectives) if name in study.arm_names()}
@@ -373,7 +377,6 @@ def run_study(study: Study) -> list[dict]:
         pretrained[name] = Path(result["checkpoint"])
 
     compute = {name: pretraining_flops(ckpt.parents[1]) for name, ckpt in pretrained.items()}
-    rows = [random_init_row(study)] if study.frozen else []
     for name, ckpt in pretrained.items():  # frozen features of each pretrained backbone
         if study.frozen:
             rows.append(frozen_row(study, name, ckpt, ckpt.parents[1] / "study_frozen.json",

@@ -212,3 +212,19 @@ def test_a_frozen_row_is_reused_only_for_the_same_evaluation(tmp_path):
     assert first["train_images"] == 50
     assert random_init_row(Study(output_dir=str(tmp_path / "study"), frozen_max_train=50, base=base)) == first
     assert random_init_row(Study(output_dir=str(tmp_path / "study"), frozen_max_train=30, base=base))["train_images"] == 30
+
+
+def test_frozen_features_of_unlabeled_data_are_refused_in_one_line(tmp_path):
+    from PIL import Image
+
+    from ssvit.compare import Study, random_init_row
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(30):
+        Image.new("RGB", (20, 20), (8 * i, 90, 200)).save(folder / f"{i}.png")
+    model_kwargs = yaml.safe_load(TINY_VIT[TINY_VIT.index("--model_kwargs") + 1])
+    study = Study(output_dir=str(tmp_path / "study"), base={"model": "vit_tiny_patch16_224", "model_kwargs": model_kwargs,
+                                                            "img_size": 16, "data": f"imagefolder:{folder}"})  # fmt: skip
+    with pytest.raises(UsageError, match="frozen features are scored against labels: .* has none. Set frozen: false"):
+        random_init_row(study)
