@@ -103,6 +103,15 @@ class PatchTokens:
         return vit.norm(vit.blocks(x))
 
 
+@dataclass(frozen=True)
+class Unlabeled:
+    """A second stream of training images an objective draws beside the labelled batch (Objective.unlabeled): every
+    training image, labels unused, as `views`, `ratio` times the labelled batch (FixMatch's mu)."""
+
+    views: "Views"
+    ratio: int
+
+
 @dataclass
 class Progress:
     """Where training is, handed to Objective.on_optimizer_step after every optimizer step."""
@@ -149,6 +158,12 @@ class Objective(nn.Module):
     def views(cls, cfg, options) -> Optional["Views"]:
         """Optional: the crops each training image becomes (ssvit.data.Views: count, size, scale, photometric
         augmentation); None for the paper's one random resized crop and flip at --img_size."""
+        return None
+
+    @classmethod
+    def unlabeled(cls, cfg, options) -> Optional[Unlabeled]:
+        """Optional: a second stream of all training images (before --label_fraction), handed to forward as its third
+        argument, `unlabeled` (one tensor per view) during training; None (the default): one stream."""
         return None
 
     @dataclass

@@ -37,7 +37,6 @@ from ssvit.data import TensorImages, augmentation, synthetic_images
 from ssvit.cli import make_parser, parse_args
 from ssvit.errors import UsageError, command
 from ssvit.models import create_backbone, set_fused_attention
-from ssvit.objectives.base import Progress
 from ssvit.train import make_optimizer, train_step
 
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 datasheet FLOP/s (SXM)
@@ -206,10 +205,15 @@ def lightly_dino(args, device) -> dict:
 
 
 def ssvit_candidate(args, device, precision, images, labels, fused_optimizer, objective=None):
-    """ssvit's own training step, as the loop runs it: the objective prepared by Accelerate at this precision,
-    timm's parameter groups, AdamW, gradient clipping at the default norm, through ssvit.train.train_step."""
+    """ssvit's own training step, the loop's: the objective built as training builds it (ssvit.train.build_objective),
+    prepared by Accelerate at this precision, timm's parameter groups, AdamW, the schedule, gradient clipping at the
+    default norm, and every hook of the objective, all through ssvit.train.train_step."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import send_to_device
+
+    from ssvit.config import parse
+    from ssvit.train import Trainer, build_objective, example_batch, inputs, make_scheduler
 
     # Accelerate keeps one precision per process; the benchmark measures several in one run. Accelerate has no
     # public way to start its process-wide state again: _reset_state is what its own test utilities call.
@@ -217,21 +221,21 @@ def ssvit_candidate(args, device, precision, images, labels, fused_optimizer, ob
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=device.type == "cpu")
     torch.manual_seed(0)
     objective = objective or args.objective[0]
-    objective_cls = get_objective(objective)
-    cfg = TrainConfig(objective=objective, model=args.model, model_kwargs=args.model_kwargs, img_size=args.img_size,
-                      fused_optimizer=fused_optimizer)  # fmt: skip
-    options = objective_cls.Options()
-    backbone = create_backbone(args.model, args.img_size, {**args.model_kwargs, **objective_cls.backbone_kwargs(cfg, options)})
-    model = objective_cls(backbone, 10, options).to(device)
+    run = parse(["--objective", objective, "--model", args.model, "--model_kwargs", json.dumps(args.model_kwargs),
+                 "--img_size", str(args.img_size), "--max_steps", str(10**6), "--fused_optimizer", str(fused_optimizer).lower()])  # fmt: skip
+    cfg = run.train
+    model = build_objective(run, num_classes=10).to(device)
     if args.compile:  # the transformer blocks, where the time goes (the corruption hook stays eager)
         model.backbone.blocks = torch.compile(model.backbone.blocks)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
     fused = set_fused_attention(model, args.fused_attn, device.type, precision)
-    prepared, optimizer = accelerator.prepare(model, make_optimizer(model, cfg, cfg.lr, device.type))
-    views = objective_cls.views(cfg, options)  # a multi-crop objective: a batch of each of its views
-    x = [v.to(device) for v in views.example(len(images))] if views else images.contiguous(memory_format=fmt)
-    done = [0]
+    optimizer = make_optimizer(model, cfg, cfg.lr, device.type)
+    prepared, optimizer = accelerator.prepare(model, optimizer)
+    trainer = Trainer(run=run, accelerator=accelerator, model=prepared, unwrapped=model, optimizer=optimizer,
+                      scheduler=make_scheduler(optimizer, cfg), steps_per_epoch=10**3)  # fmt: skip
+    batch = send_to_device(example_batch(run, len(images)), device)  # a multi-crop objective: a batch of each of its views
+    batch["image"] = batch["image"] if isinstance(batch["image"], list) else batch["image"].contiguous(memory_format=fmt)
 
     def step():
         phases, last = {}, [time.perf_counter()]
@@ -241,16 +245,10 @@ def ssvit_candidate(args, device, precision, images, labels, fused_optimizer, ob
             now = time.perf_counter()
             phases[f"{phase}_s"], last[0] = now - last[0], now
 
-        progress = Progress(done[0], 10**6, 10**3, optimizer)  # the objective's hooks, as the loop calls them
-        out = train_step(accelerator, prepared, optimizer, x, labels, cfg.max_grad_norm, mark,
-                         lambda: model.on_before_optimizer_step(progress))  # fmt: skip
-        model.on_train_step(out)
-        done[0] += 1
-        model.on_optimizer_step(Progress(done[0], 10**6, 10**3, optimizer))
-        phases["optimizer_s"] += time.perf_counter() - last[0]
+        train_step(trainer, batch, mark)
         return phases
 
-    flops = count_flops(lambda a, b: model(a, b).loss, x, labels, device, precision)
+    flops = count_flops(lambda a, b: model(*inputs(batch)).loss, images, labels, device, precision)
     model.zero_grad(set_to_none=True)
     return step, flops, fused
 

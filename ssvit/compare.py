@@ -60,6 +60,11 @@ class Study:
     pretrain_shares: list = field(default_factory=lambda: [0.5, 0.75])
     """With budgets: the shares of a budget's FLOPs that an objective spends on pretraining, the rest on fine-tuning.
     The report reads each objective at the share that is best on validation, budget by budget."""
+    semi: Optional[dict] = None
+    """With budgets: flags of a semi-supervised fine-tuning (e.g. {objective: fixmatch, fixmatch.mu: 7}) on top of the
+    fine-tuning flags. Every budget then also runs it from scratch (arm semi, the honest competitor of pretraining) and
+    from each pretraining (arms <objective><share>+semi), at the same FLOPs: its unlabeled images and any teacher's
+    forward are counted, so it fine-tunes on fewer labelled images."""
     frozen: bool = True
     """Evaluate every pretraining's frozen features (few-shot, linear probe, DINO's weighted 20-NN) on the test split,
     beside the same architecture at random initialisation."""
@@ -149,17 +154,17 @@ def flops_per_image(run_dir: Path) -> float:
 
 def counted_flops(argv: list[str], defaults: Optional[dict] = None) -> float:
     """FLOPs of one training image (forward and backward) of the run `argv` describes, before it runs."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ssvit.train import build_objective
+    from ssvit.train import build_objective, example_batch, inputs
 
     run = parse([*argv, "--init", "null"], defaults=defaults)  # the architecture, not the weights
     model = build_objective(run, num_classes=10)
-    views = type(model).views(run.train, run.objective_options)  # a multi-crop objective pays for every crop
-    images = views.example(2) if views else torch.rand(2, 3, run.train.img_size, run.train.img_size)
+    # A multi-crop objective pays for every crop, a semi-supervised one for its unlabeled images (and a teacher's
+    # forward): FLOPs per labelled image.
+    batch = example_batch(run, 2)
     with FlopCounterMode(display=False) as counter:
-        model(images, torch.zeros(2, dtype=torch.long)).loss.backward()
+        model(*inputs(batch)).loss.backward()
     return counter.get_total_flops() / 2
 
 
@@ -261,7 +266,8 @@ def paired_difference(arm: dict, scratch: dict) -> Optional[tuple[float, float]]
 
 @dataclass(frozen=True)
 class Cell:
-    """One cell of a budget study: an arm (scratch, or an objective at a pretraining share) at a budget."""
+    """One cell of a budget study: an arm (scratch, or an objective at a pretraining share; each fine-tuned plainly or
+    semi-supervised) at a budget."""
 
     arm: str
     objective: Optional[str]
@@ -269,6 +275,13 @@ class Cell:
     budget: int
     pretrain_images: int
     finetune_images: int
+    """Labelled images the fine-tuning trains on (a semi-supervised one also draws its unlabeled images beside them)."""
+    semi: bool = False
+
+    @property
+    def family(self) -> str:
+        """What the study reads at its best share, budget by budget: scratch, semi, an objective, or <objective>+semi."""
+        return f"{self.objective or ''}{'+' if self.objective and self.semi else ''}{'semi' if self.semi else ''}" or "scratch"
 
 
 def pretraining_argv(study: Study, objective: str, steps: Optional[int] = None, extra: Optional[dict] = None) -> list[str]:
@@ -311,7 +324,21 @@ def budget_plan(study: Study) -> list[Cell]:
                                      f"one batch of {batch} at the same FLOPs ({per_image:.3g} FLOPs per image against "
                                      f"{fine_flops:.3g} for fine-tuning). Raise the budget or lower the pretraining batch.")  # fmt: skip
                 cells.append(Cell(f"{objective}{share:g}", objective, share, budget, batches * batch, budget - round(share * budget)))
+    if study.semi is not None:  # each cell again, fine-tuned semi-supervised on what fine-tuning's FLOPs buy it
+        semi_flops = counted_flops(semi_argv(study), defaults=preset("finetune"))
+        for cell in [c for c in cells]:
+            fine = round(cell.finetune_images * fine_flops / semi_flops / finetune["batch_size"]) * finetune["batch_size"]
+            if fine < finetune["batch_size"]:
+                raise UsageError(f"budget {cell.budget}: the semi-supervised fine-tuning of {cell.arm} would train on less than one "
+                                 f"batch of {finetune['batch_size']} at the same FLOPs ({semi_flops:.3g} FLOPs per labelled image "
+                                 f"against {fine_flops:.3g}). Raise the budget, or lower its unlabeled ratio.")  # fmt: skip
+            arm = "semi" if cell.objective is None else f"{cell.arm}+semi"
+            cells.append(replace(cell, arm=arm, finetune_images=fine, semi=True))
     return cells
+
+
+def semi_argv(study: Study) -> list[str]:
+    return [*flags(study.base), *flags({**study.finetune, **(study.semi or {})})]
 
 
 def budget_pretraining(study: Study, objective: str, images: int) -> Path:
@@ -349,15 +376,17 @@ def run_budget_study(study: Study) -> list[dict]:
                 for cell in cells:
                     pre, fine = cell.pretrain_images, cell.finetune_images
                     init = ["--init", str(checkpoints[cell.objective, pre])] if cell.objective else []
-                    argv = [*flags(study.base), *init, *flags(with_steps(study.finetune, finetune, fine // finetune["batch_size"])),
+                    tuning = {**study.finetune, **(study.semi if cell.semi else {})}
+                    argv = [*flags(study.base), *init, *flags(with_steps(tuning, finetune, fine // finetune["batch_size"])),
                             "--label_fraction", str(fraction), "--seed", str(seed), "--fewshot_steps", "0"]  # fmt: skip
                     run_dir = root / "runs" / f"finetune_{cell.arm}_images{pre + fine}_frac{fraction}_seed{seed}"
                     result = run_once(argv, run_dir, defaults=preset("finetune"))
-                    flops.setdefault("finetune", flops_per_image(run_dir))
-                    rows.append({"kind": "budget", "arm": cell.arm, "objective": cell.objective or "", "share": cell.share,
-                                 "budget": cell.budget, "label_fraction": fraction, "seed": seed, "images": pre + fine,
-                                 "pretrain_images": pre, "finetune_images": fine,
-                                 "flops": fine * flops["finetune"] + (pre * flops[cell.objective] if cell.objective else 0),
+                    kind = "semi" if cell.semi else "finetune"
+                    flops.setdefault(kind, flops_per_image(run_dir))
+                    rows.append({"kind": "budget", "arm": cell.arm, "objective": cell.objective or "", "family": cell.family,
+                                 "share": cell.share, "budget": cell.budget, "label_fraction": fraction, "seed": seed,
+                                 "images": pre + fine, "pretrain_images": pre, "finetune_images": fine,
+                                 "flops": fine * flops[kind] + (pre * flops[cell.objective] if cell.objective else 0),
                                  "top1": result.get("test/top1", result["val/top1"]), "val_top1": result["val/top1"],
                                  "split": "test" if "test/top1" in result else "val"})  # fmt: skip
                     write_budget_report(rows, root)
@@ -417,10 +446,10 @@ def by_seed(rows: list[dict], arm: str, fraction: float, budget: int, key: str =
     return {r["seed"]: r[key] for r in rows if r["kind"] == "budget" and (r["arm"], r["label_fraction"], r["budget"]) == (arm, fraction, budget)}
 
 
-def best_arm(rows: list[dict], objective: str, fraction: float, budget: int) -> Optional[str]:
-    """The objective's cell at this budget whose pretraining share is best on validation (each objective at its best,
-    chosen without the test split)."""
-    arms = {r["arm"] for r in rows if r["kind"] == "budget" and r["objective"] == objective
+def best_arm(rows: list[dict], family: str, fraction: float, budget: int) -> Optional[str]:
+    """The family's cell at this budget (an objective, or an objective then semi-supervised fine-tuning) whose
+    pretraining share is best on validation (each at its best, chosen without the test split)."""
+    arms = {r["arm"] for r in rows if r["kind"] == "budget" and r["family"] == family
             and (r["label_fraction"], r["budget"]) == (fraction, budget)}  # fmt: skip
     return max(sorted(arms), key=lambda a: statistics.mean(by_seed(rows, a, fraction, budget, "val_top1").values()), default=None)
 
@@ -459,7 +488,7 @@ def budget_summary(rows: list[dict]) -> list[str]:
         elif knee is not None:
             notes.append(f"At {fraction:g} of the labels scratch saturates at a budget of {knee:,} (doubling it gains under one "
                          f"point from there); the largest budget is {top / knee:g}x that.")  # fmt: skip
-        for objective in dict.fromkeys(r["objective"] for r in cells if r["objective"]):
+        for objective in dict.fromkeys(r["family"] for r in cells if r["family"] != "scratch"):
             gains = {}
             for budget in scratch:
                 arm = best_arm(rows, objective, fraction, budget)
@@ -511,7 +540,7 @@ def write_budget_report(rows: list[dict], root: Path) -> None:
         spread = "" if math.isnan(ci) else f" ± {ci:.2%}"  # one seed has no interval
         lines.append(f"| {arm} | {fraction:g} | {budget:,} | {r['pretrain_images']:,} + {fine:,} | {flops:.3g} | {mean:.2%}{spread} | "
                      f"{statistics.mean(by_seed(rows, arm, fraction, budget, 'val_top1').values()):.2%} | {gains[0]} | {gains[1]} | {len(top1)} |")  # fmt: skip
-        label = arm if not r["objective"] else f"{r['objective']}, {r['share']:.0%} of the budget pretraining"
+        label = arm if not r["objective"] else f"{r['family']}, {r['share']:.0%} of the budget pretraining"
         curves.setdefault((label, fraction), []).append((flops, mean, 0 if math.isnan(ci) else ci))
     for (label, fraction), points in curves.items():
         xs, ys, cis = zip(*points)

@@ -98,6 +98,8 @@ class Splits:
     description: str
     test: Optional["ImageDataset"] = None
     """Held out for the numbers a study reports: the data's own test split, or --test_fraction of train."""
+    unlabeled: Optional["ImageDataset"] = None
+    """Every training image, labels unused, for an objective that draws a second stream (Objective.unlabeled)."""
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,12 @@ def load_source(spec: str):
     if kind == "imagefolder":
         if not p.is_dir():
             raise FileNotFoundError(f"--data {spec}: {path} is not a folder (expected DIR/<class>/<image>, or images in DIR).")
+        from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+        # datasets would end in "Instruction train corresponds to no data" after its own file scan.
+        if not any(f.suffix.lower() in ImageFolder.EXTENSIONS for f in p.rglob("*") if f.is_file()):
+            raise UsageError(f"--data {spec}: no image files in it (expected DIR/<class>/<image>, or images in DIR, in a "
+                             f"format datasets' imagefolder reads: .jpg, .png, .webp, ...).")  # fmt: skip
         # Splits by folder (DIR/train/<class>/..., DIR/val/...) when DIR has them; otherwise everything is train.
         # (datasets' own inference would take a file named like n02917067_bullet_train.JPEG for a split.)
         subdirs = {d.name: d for d in p.iterdir() if d.is_dir()}
@@ -413,12 +421,15 @@ def _hf_splits(cfg, is_main: bool) -> Splits:
     return Splits(built["train"], built["val"], len(names), names, desc, built.get("test"))
 
 
-def load_splits(cfg, is_main: bool = True, views: Optional["Views"] = None) -> Splits:
+def load_splits(cfg, is_main: bool = True, views: Optional["Views"] = None, unlabeled_views: Optional["Views"] = None) -> Splits:
     """Train, validation and (when there is one) test splits from cfg.data (see TrainConfig). Validation is
     held out of train when the data has no validation split (seeded by cfg.split_seed, stratified by class).
-    Training items are the paper's crop and flip, or the objective's `views` (a list of crops per item)."""
+    Training items are the paper's crop and flip, or the objective's `views` (a list of crops per item). With
+    `unlabeled_views`, splits.unlabeled holds every training image (before --label_fraction) as those views."""
     splits = _synthetic_splits(cfg) if DataSource.parse(cfg.data).kind == "synthetic" else _hf_splits(cfg, is_main)
     train = splits.train
+    if unlabeled_views is not None:  # its own seed: the two streams' crops are drawn independently
+        splits.unlabeled = train.augmented(unlabeled_views, getattr(cfg, "seed", 0) + 1)
     if cfg.label_fraction is not None or cfg.samples_per_class is not None:
         if not splits.num_classes:
             raise UsageError("--label_fraction / --samples_per_class draw a class-balanced subset: the data has no labels.")
@@ -517,13 +528,40 @@ class Photometric:
 
 
 @dataclass(frozen=True)
+class RandAugment:
+    """FixMatch's strong augmentation (Sohn et al., 2020, section 2.3, App. D): RandAugment, `num_ops` operations of
+    torchvision's RandAugment at a magnitude drawn per image from 1 to `max_magnitude` (FixMatch draws it at random
+    instead of fixing it), then Cutout: a square of up to `cutout` of the image side filled with grey (127). Drawn
+    from the item's RNG, on uint8 (torchvision's RandAugment draws from torch's RNG: it runs in a forked RNG seeded
+    from the item's, so that exact resume holds and the training process's own stream is untouched)."""
+
+    num_ops: int = 2
+    max_magnitude: int = 10
+    cutout: float = 0.5
+
+    def __call__(self, image: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        if self.num_ops:
+            magnitude = rng.randint(1, self.max_magnitude)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(rng.getrandbits(63))
+                image = v2.RandAugment(self.num_ops, magnitude, num_magnitude_bins=self.max_magnitude + 1)(image)
+        if self.cutout:
+            height, width = image.shape[-2:]
+            side = round(rng.uniform(0, self.cutout) * min(height, width))
+            y, x = rng.randrange(height), rng.randrange(width)  # the square's centre, clipped at the borders
+            image = image.clone()
+            image[..., max(0, y - side // 2) : y + (side + 1) // 2, max(0, x - side // 2) : x + (side + 1) // 2] = 127
+        return image
+
+
+@dataclass(frozen=True)
 class View:
     """One crop of a multi-crop objective: a random resized crop at `size` from `scale` of the area, a flip, then
     its photometric augmentation."""
 
     size: int
     scale: tuple
-    photometric: Optional[Photometric] = None
+    photometric: Optional[Photometric | RandAugment] = None
     hflip: bool = True
 
 

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -30,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ssvit import objectives
-from ssvit.objectives.base import Progress
+from ssvit.objectives.base import Progress, StepOutput
 from ssvit.checkpoints import (
     check_resume,
     check_stream_plan,
@@ -178,24 +179,73 @@ def share_cores(cpu_threads: Optional[int] = None, processes: int = 1) -> None:
     torch.set_num_threads(cpu_threads or max(1, (os.cpu_count() or 1) // local))
 
 
-def train_step(accelerator: Accelerator, model, optimizer, images: torch.Tensor, labels: torch.Tensor,
-               max_grad_norm: Optional[float], mark: Callable[[str], None] = lambda phase: None,
-               before_step: Optional[Callable[[], None]] = None):  # fmt: skip
-    """One micro-step: forward (under the autocast prepare() installed), backward, and, when the gradients are
-    synchronised, clipping, `before_step` (the objective's on_before_optimizer_step) and the optimizer step. `mark` is
-    called after each phase (the benchmark times them)."""
-    with accelerator.accumulate(model):
-        out = model(images, labels)
+@dataclass(kw_only=True)
+class Trainer:
+    """What one optimizer step needs and changes. The loop's State is a Trainer with data; ssvit.bench builds a bare
+    one, so that what it times is the loop's own step (train_step), hooks and all."""
+
+    run: RunConfig
+    accelerator: Accelerator
+    model: torch.nn.Module  # as prepared (DDP-wrapped with several processes)
+    unwrapped: objectives.Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    steps_per_epoch: int
+    ema: Optional[ModelEmaV3] = None
+    step: int = 0
+    """Optimizer steps done."""
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.run.train
+
+    def progress(self) -> Progress:
+        return Progress(self.step, self.cfg.max_steps, self.steps_per_epoch, self.optimizer)
+
+
+def inputs(batch: dict) -> tuple:
+    """The objective's forward arguments from a batch: images and labels, and the unlabeled views when the objective
+    draws a second stream (Objective.unlabeled)."""
+    return (batch["image"], batch["label"], batch["unlabeled"]) if "unlabeled" in batch else (batch["image"], batch["label"])
+
+
+def example_batch(run: RunConfig, n: int, num_classes: int = 10) -> dict:
+    """A batch of n random images in [0, 1] shaped as the run's objective trains on them (a batch of each of its views,
+    and its unlabeled stream's), with random labels: what FLOPs are counted on (ssvit.compare) and steps timed on
+    (ssvit.bench) before any data is read."""
+    cfg, objective_cls = run.train, objectives.get(run.train.objective)
+    views = objective_cls.views(cfg, run.objective_options)
+    batch = {"image": views.example(n) if views else torch.rand(n, 3, cfg.img_size, cfg.img_size),
+             "label": torch.randint(0, num_classes, (n,))}  # fmt: skip
+    if (second := objective_cls.unlabeled(cfg, run.objective_options)) is not None:
+        batch["unlabeled"] = second.views.example(second.ratio * n)
+    return batch
+
+
+def train_step(trainer: Trainer, batch: dict, mark: Callable[[str], None] = lambda phase: None) -> StepOutput:
+    """One micro-step, the only one in ssvit: forward (under the autocast prepare() installed), backward, the
+    objective's on_train_step; when the gradients are synchronised, clipping, on_before_optimizer_step, the optimizer
+    step, the scheduler, on_optimizer_step and the EMA. `mark` is called after each phase (the benchmark times them)."""
+    accelerator, objective, cfg = trainer.accelerator, trainer.unwrapped, trainer.cfg
+    with accelerator.accumulate(trainer.model):
+        out = trainer.model(*inputs(batch))
         mark("forward")
         accelerator.backward(out.loss)
         mark("backward")
-        if accelerator.sync_gradients and max_grad_norm:
-            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-        if accelerator.sync_gradients and before_step is not None:
-            before_step()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        mark("optimizer")
+        if accelerator.sync_gradients:
+            if cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(trainer.model.parameters(), cfg.max_grad_norm)
+            objective.on_before_optimizer_step(trainer.progress())
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+    objective.on_train_step(out)
+    if accelerator.sync_gradients:
+        trainer.step += 1
+        trainer.scheduler.step_update(trainer.step)
+        objective.on_optimizer_step(trainer.progress())
+        if trainer.ema is not None:
+            trainer.ema.update(objective, step=trainer.step)
+    mark("optimizer")
     return out
 
 
@@ -203,22 +253,19 @@ def train_step(accelerator: Accelerator, model, optimizer, images: torch.Tensor,
 # The loop's state, and its three parts
 
 
-@dataclass
-class State:
-    run: RunConfig
-    accelerator: Accelerator
+@dataclass(kw_only=True)
+class State(Trainer):
+    """The loop's state: the Trainer, its data, and what the loop keeps over steps."""
+
     splits: Splits
-    model: torch.nn.Module  # as prepared (DDP-wrapped with several processes)
-    unwrapped: objectives.Objective
-    optimizer: torch.optim.Optimizer
-    scheduler: object
     loader: DataLoader
     sampler: EpochSampler | StreamingImages  # the train order: set_epoch / set_position
-    steps_per_epoch: int
+    unlabeled_loader: Optional[DataLoader] = None
+    """With an objective that draws unlabeled images (Objective.unlabeled): the second stream, over all training images."""
+    unlabeled_sampler: Optional[EpochSampler] = None
+    unlabeled_steps_per_epoch: int = 0
     val_loader: DataLoader
     test_loader: Optional[DataLoader]
-    ema: Optional[ModelEmaV3]
-    step: int = 0
     start_step: int = 0
     last_checkpoint: Optional[Path] = None
     best: dict = field(default_factory=dict)
@@ -227,10 +274,6 @@ class State:
     wait_seconds: float = 0.0
     images_seen: int = 0  # by this process, since this invocation started (a resumed run counts from its resume)
     row_groups_read: set = field(default_factory=set)  # with --streaming, by this process since this invocation started
-
-    @property
-    def cfg(self) -> TrainConfig:
-        return self.run.train
 
     @property
     def output_dir(self) -> Path:
@@ -244,13 +287,19 @@ def setup(run: RunConfig, accelerator: Accelerator, resume_from: Optional[Path] 
     world, accum = accelerator.num_processes, cfg.gradient_accumulation_steps
     set_seed(cfg.seed)  # the same initial weights on every process
     micro_batch = cfg.batch_size // (world * accum)
-    views = objectives.get(cfg.objective).views(cfg, run.objective_options)  # None: one crop at --img_size
+    objective_cls = objectives.get(cfg.objective)
+    views = objective_cls.views(cfg, run.objective_options)  # None: one crop at --img_size
+    second = objective_cls.unlabeled(cfg, run.objective_options)  # None: one stream, the labelled images
+    if second is not None and cfg.streaming:
+        raise UsageError(f"--objective {cfg.objective} draws a second, unlabeled stream of images, which --streaming does "
+                         f"not provide yet: train without --streaming (the images are cached once at --img_size).")  # fmt: skip
     with accelerator.main_process_first():
         if cfg.streaming:
             splits = streaming_splits(cfg, accelerator.process_index, world, micro_batch, views)
         else:
-            splits = load_splits(cfg, is_main=accelerator.is_main_process, views=views)
-    if objectives.get(cfg.objective).needs_labels and not splits.num_classes:
+            splits = load_splits(cfg, is_main=accelerator.is_main_process, views=views,
+                                 unlabeled_views=second.views if second else None)  # fmt: skip
+    if objective_cls.needs_labels and not splits.num_classes:
         raise UsageError(f"--objective {cfg.objective} needs labels, and {cfg.data} has none (no label column, or "
                          f"images not in class folders). Use a self-supervised objective such as masked_patch, or name "
                          f"the labels with --label_column.")  # fmt: skip
@@ -276,6 +325,18 @@ def setup(run: RunConfig, accelerator: Accelerator, resume_from: Optional[Path] 
         loader = DataLoader(splits.train, batch_size=micro_batch, sampler=sampler, drop_last=True, generator=generator, **workers)
     if steps_per_epoch == 0:
         raise UsageError(f"--batch_size {cfg.batch_size} is larger than the training set ({len(splits.train)} images).")
+    unlabeled = {}
+    if second is not None:  # the second stream: all training images, its own seeded order, second.ratio x the batch
+        size = second.ratio * cfg.batch_size
+        unlabeled_steps = len(splits.unlabeled) // size
+        if unlabeled_steps == 0:
+            raise UsageError(f"{second.ratio} x --batch_size {cfg.batch_size} unlabeled images per step is more than the "
+                             f"{len(splits.unlabeled):,} training images: lower --batch_size or the ratio.")  # fmt: skip
+        unlabeled_sampler = EpochSampler(len(splits.unlabeled), cfg.seed + 1, num_samples=unlabeled_steps * size)
+        unlabeled_loader = DataLoader(splits.unlabeled, batch_size=second.ratio * micro_batch, sampler=unlabeled_sampler,
+                                      drop_last=True, generator=torch.Generator().manual_seed(cfg.seed + 1), **workers)  # fmt: skip
+        unlabeled = dict(unlabeled_loader=accelerator.prepare(unlabeled_loader), unlabeled_sampler=unlabeled_sampler,
+                         unlabeled_steps_per_epoch=unlabeled_steps)  # fmt: skip
     model, optimizer, val_loader, *test_loader = accelerator.prepare(model, optimizer, *held_out)
     if not cfg.streaming:
         loader = accelerator.prepare(loader)
@@ -283,8 +344,10 @@ def setup(run: RunConfig, accelerator: Accelerator, resume_from: Optional[Path] 
         model = torch.compile(model)
     unwrapped = accelerator.unwrap_model(model)
     ema = ModelEmaV3(unwrapped, decay=cfg.ema_decay) if cfg.ema_decay else None
-    state = State(run, accelerator, splits, model, unwrapped, optimizer, make_scheduler(optimizer, cfg), loader, sampler,
-                  steps_per_epoch, val_loader, (test_loader or [None])[0], ema, last_checkpoint=resume_from)  # fmt: skip
+    state = State(run=run, accelerator=accelerator, model=model, unwrapped=unwrapped, optimizer=optimizer,
+                  scheduler=make_scheduler(optimizer, cfg), steps_per_epoch=steps_per_epoch, ema=ema, splits=splits,
+                  loader=loader, sampler=sampler, val_loader=val_loader, test_loader=(test_loader or [None])[0],
+                  last_checkpoint=resume_from, **unlabeled)  # fmt: skip
     if resume_from is not None:
         if not cfg.allow_inexact_resume:
             check_stream_plan(resume_from, stream_plan(state))
@@ -340,18 +403,30 @@ def loader_workers(cfg: TrainConfig, splits: Splits) -> dict:
 
 
 class Window:
-    """Sums of the logged values over a logging window, with its wall-clock and data-wait time."""
+    """Sums of the logged values over a logging window, with its wall-clock and data-wait time, and the first step
+    whose loss was not finite (kept on the device: read only at logging and saving steps, no sync per step)."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
+        self.first_bad = torch.full((), -1, device=device)
         self.reset()
 
     def reset(self) -> None:
         self.sums, self.count, self.data_wait, self.start = {}, 0, 0.0, time.perf_counter()
 
-    def add(self, values: dict[str, torch.Tensor]) -> None:
+    def add(self, values: dict[str, torch.Tensor], step: int) -> None:
         for k, v in values.items():
             self.sums[k] = self.sums.get(k, 0.0) + v.float()
         self.count += 1
+        self.first_bad = torch.where(~torch.isfinite(values["loss"]) & (self.first_bad < 0), step, self.first_bad)
+
+    def check_finite(self, state: "State") -> None:
+        bad = int(state.accelerator.reduce(self.first_bad.clone(), reduction="max"))
+        if bad >= 0:
+            raise NonFiniteLossError(
+                f"The loss became non-finite (NaN/inf) at step {bad}. Training stopped; the last good checkpoint "
+                f"is {state.last_checkpoint or 'none (no checkpoint was saved yet)'} and was left untouched. Lower --lr, "
+                f"keep --max_grad_norm set, or use --mixed_precision bf16 instead of fp16; then --resume."
+            )
 
 
 def log_window(state: State, window: Window) -> dict:
@@ -383,7 +458,7 @@ def evaluate(state: State) -> bool:
 
 
 @torch.no_grad()
-def check_savable(state: State, images: torch.Tensor, labels: torch.Tensor) -> None:
+def check_savable(state: State, batch: dict) -> None:
     """Before a checkpoint is written: the weights and optimizer state are finite, and the weights give a
     finite loss on the last batch (an optimizer step can ruin the weights before any loss shows it)."""
     accelerator, model = state.accelerator, state.unwrapped
@@ -391,7 +466,7 @@ def check_savable(state: State, images: torch.Tensor, labels: torch.Tensor) -> N
                                      if torch.is_tensor(v) and v.is_floating_point())]  # fmt: skip
     finite = torch.stack([torch.isfinite(t).all() for t in tensors]).all()
     with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
-        finite &= torch.isfinite(model(images, labels).loss)  # forked RNG: training's stream is unchanged
+        finite &= torch.isfinite(model(*inputs(batch)).loss)  # forked RNG: training's stream is unchanged
     if not int(accelerator.reduce(finite.float().reshape(1), reduction="sum")) == accelerator.num_processes:
         raise NonFiniteLossError(
             f"The weights or optimizer state became non-finite (NaN/inf) by step {state.step}: it was not saved. The last "
@@ -454,7 +529,7 @@ def resume_command(state: State) -> str:
     return "the same command again (this run resumes from its checkpoint)"
 
 
-def stop_here(state: State, signum: int, images: Optional[torch.Tensor], labels: Optional[torch.Tensor]) -> None:
+def stop_here(state: State, signum: int, batch: Optional[dict]) -> None:
     """Checkpoint the step just finished (unless it was just written) and raise Interrupted with the way back."""
     name = signal.Signals(signum).name
     if state.step == state.start_step:
@@ -466,7 +541,7 @@ def stop_here(state: State, signum: int, images: Optional[torch.Tensor], labels:
         raise Interrupted(f"stopped by {name} before the first step: nothing was trained. Run the same command again.", signum)
     latest = state.output_dir / "checkpoints" / f"step_{state.step:06d}"
     if state.last_checkpoint != latest:
-        check_savable(state, images, labels)
+        check_savable(state, batch)
         state.last_checkpoint = save_checkpoint(state.accelerator, state.output_dir, state.step, state.ema, state.run,
                                                 state.cfg.save_total_limit, stream_plan(state))  # fmt: skip
     raise Interrupted(f"stopped by {name} at step {state.step}: checkpoint {state.last_checkpoint}. Resume with: "
@@ -474,88 +549,98 @@ def stop_here(state: State, signum: int, images: Optional[torch.Tensor], labels:
 
 
 def loop(state: State, stop: Optional[StopSignals] = None) -> None:
-    cfg, accelerator, accum = state.cfg, state.accelerator, state.cfg.gradient_accumulation_steps
+    """Steps until --max_steps: a batch, train_step, then after_step (log, evaluate, save, stop on a signal)."""
+    cfg, accelerator = state.cfg, state.accelerator
     stop = stop or StopSignals()
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    first_bad = torch.full((), -1, device=accelerator.device)  # first step with a non-finite loss, kept on device
-
-    def check_finite():
-        bad = int(accelerator.reduce(first_bad.clone(), reduction="max"))
-        if bad >= 0:
-            raise NonFiniteLossError(
-                f"The loss became non-finite (NaN/inf) at step {bad}. Training stopped; the last good checkpoint "
-                f"is {state.last_checkpoint or 'none (no checkpoint was saved yet)'} and was left untouched. Lower --lr, "
-                f"keep --max_grad_norm set, or use --mixed_precision bf16 instead of fp16; then --resume."
-            )
-
+    window, batch = Window(accelerator.device), None
     with tqdm(total=cfg.max_steps, initial=state.step, desc=cfg.objective, disable=not accelerator.is_local_main_process) as bar:
         state.model.train()
-        window, images, labels = Window(), None, None
         if state.step < cfg.max_steps and (signum := stop.requested(accelerator, 0, 1)):
-            stop_here(state, signum, images, labels)
+            stop_here(state, signum, batch)
+        data = batches(state)
         while state.step < cfg.max_steps:
-            epoch, offset = divmod(state.step, state.steps_per_epoch)
-            if cfg.streaming:  # the stream fast-forwards itself, without reading what it skips
-                state.sampler.set_position(epoch, offset * accum)
-                batches = streamed(state)
-            else:
-                state.sampler.set_epoch(epoch)
-                batches = iter(accelerator.skip_first_batches(state.loader, offset * accum) if offset else state.loader)
-            for _ in range((state.steps_per_epoch - offset) * accum):
-                tick = time.perf_counter()
-                try:
-                    batch = next(batches)
-                except RuntimeError:  # a loader worker ended by the same SIGTERM: the last step is checkpointed instead
-                    if stop.received is None:
-                        raise
-                    stop_here(state, stop.received, images, labels)
-                window.data_wait += time.perf_counter() - tick
-                state.images_seen += len(batch["image"])
-                images, labels = batch["image"], batch["label"]
-                images = [to_float(v, memory_format) for v in images] if isinstance(images, list) else to_float(images, memory_format)
-                before = lambda: state.unwrapped.on_before_optimizer_step(progress(state, state.step))  # noqa: E731
-                out = train_step(accelerator, state.model, state.optimizer, images, labels, cfg.max_grad_norm, before_step=before)
-                state.unwrapped.on_train_step(out)
-                loss = out.loss.detach()
-                window.add({"loss": loss, **out.logs})
-                first_bad = torch.where(~torch.isfinite(loss) & (first_bad < 0), state.step + 1, first_bad)
-                if not accelerator.sync_gradients:
-                    continue
-                state.step += 1
-                state.scheduler.step_update(state.step)
-                state.unwrapped.on_optimizer_step(progress(state, state.step))
-                if state.ema is not None:
-                    state.ema.update(state.unwrapped, step=state.step)
+            tick = time.perf_counter()
+            try:
+                batch = next(data)
+            except RuntimeError:  # a loader worker ended by the same SIGTERM: the last step is checkpointed instead
+                if stop.received is None:
+                    raise
+                stop_here(state, stop.received, batch)
+            window.data_wait += time.perf_counter() - tick
+            state.images_seen += len(batch["label"])
+            number = state.step + 1  # the optimizer step this micro-step belongs to
+            out = train_step(state, batch)
+            window.add({"loss": out.loss.detach(), **out.logs}, number)
+            if accelerator.sync_gradients:
                 bar.update(1)
-                last = state.step == cfg.max_steps
-                if state.step % cfg.logging_steps == 0 or last:
-                    check_finite()
-                    logs = log_window(state, window)
-                    if problem := state.unwrapped.health({k.removeprefix("train/"): v for k, v in logs.items()}):
-                        raise CollapseError(f"{problem} at step {state.step}. Training stopped; the last good checkpoint "
-                                            f"is {state.last_checkpoint or 'none (no checkpoint was saved yet)'}.")  # fmt: skip
-                    bar.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.2e}", img_s=f"{logs['train/images_per_s']:.0f}")
-                paused = evaluate(state)
-                if state.step % cfg.save_steps == 0 or last:
-                    check_finite()
-                    check_savable(state, images, labels)  # never write a checkpoint with non-finite weights
-                    state.last_checkpoint = save_checkpoint(accelerator, state.output_dir, state.step, state.ema, state.run,
-                                                            cfg.save_total_limit, stream_plan(state))  # fmt: skip
-                    paused = True
-                if paused:
-                    window.start = time.perf_counter()  # evaluation and checkpoint time is not training throughput
-                if last:
-                    break
-                if signum := stop.requested(accelerator, state.step, cfg.logging_steps):
-                    stop_here(state, signum, images, labels)
+                after_step(state, window, batch, stop, bar)
 
 
-def progress(state: State, step: int) -> Progress:
-    return Progress(step, state.cfg.max_steps, state.steps_per_epoch, state.optimizer)
+def after_step(state: State, window: "Window", batch: dict, stop: "StopSignals", bar) -> None:
+    """Everything that follows an optimizer step, in order: the logging window (with the finite-loss and health
+    checks), the evaluators due, a checkpoint when due, and a stop on a signal."""
+    cfg, accelerator = state.cfg, state.accelerator
+    last = state.step == cfg.max_steps
+    if state.step % cfg.logging_steps == 0 or last:
+        window.check_finite(state)
+        logs = log_window(state, window)
+        if problem := state.unwrapped.health({k.removeprefix("train/"): v for k, v in logs.items()}):
+            raise CollapseError(f"{problem} at step {state.step}. Training stopped; the last good checkpoint "
+                                f"is {state.last_checkpoint or 'none (no checkpoint was saved yet)'}.")  # fmt: skip
+        bar.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.2e}", img_s=f"{logs['train/images_per_s']:.0f}")
+    paused = evaluate(state)
+    if state.step % cfg.save_steps == 0 or last:
+        window.check_finite(state)
+        check_savable(state, batch)  # never write a checkpoint with non-finite weights
+        state.last_checkpoint = save_checkpoint(accelerator, state.output_dir, state.step, state.ema, state.run,
+                                                cfg.save_total_limit, stream_plan(state))  # fmt: skip
+        paused = True
+    if paused:
+        window.start = time.perf_counter()  # evaluation and checkpoint time is not training throughput
+    if not last and (signum := stop.requested(accelerator, state.step, cfg.logging_steps)):
+        stop_here(state, signum, batch)
 
 
-def to_float(images: torch.Tensor, memory_format) -> torch.Tensor:
-    """A uint8 batch as the model takes it: [0, 1] floats."""
+def batches(state: State):
+    """Every micro-batch from the current step to the end of training, on the device with images as [0, 1] floats,
+    and, for an objective that draws them, a batch of unlabeled views beside each (batch["unlabeled"]). Epochs,
+    streaming and the resume position of both streams are handled here and nowhere else: where each stream stands is
+    a function of the step alone, so a resumed run sees exactly what the uninterrupted run saw."""
+    memory_format = torch.channels_last if state.cfg.channels_last else torch.contiguous_format
+    labelled = epochs(state, state.sampler, state.loader, state.steps_per_epoch)
+    unlabeled = None
+    if state.unlabeled_loader is not None:
+        unlabeled = epochs(state, state.unlabeled_sampler, state.unlabeled_loader, state.unlabeled_steps_per_epoch)
+    for batch in labelled:
+        if unlabeled is not None:
+            batch["unlabeled"] = next(unlabeled)["image"]
+        batch["image"] = to_float(batch["image"], memory_format)
+        if "unlabeled" in batch:
+            batch["unlabeled"] = to_float(batch["unlabeled"], memory_format)
+        yield batch
+
+
+def epochs(state: State, sampler, loader: DataLoader, steps_per_epoch: int):
+    """One stream's micro-batches from the current step on, epoch after epoch (each a seeded order: set_epoch, or the
+    stream's set_position), the current epoch's first steps skipped."""
+    accum = state.cfg.gradient_accumulation_steps
+    epoch, offset = divmod(state.step, steps_per_epoch)
+    while True:
+        if isinstance(sampler, StreamingImages):  # the stream fast-forwards itself, without reading what it skips
+            sampler.set_position(epoch, offset * accum)
+            micro_batches = streamed(state)
+        else:
+            sampler.set_epoch(epoch)
+            micro_batches = state.accelerator.skip_first_batches(loader, offset * accum) if offset else loader
+        # Streamed, a process may hold more batches than the epoch's steps (the smallest share of every process).
+        yield from itertools.islice(micro_batches, (steps_per_epoch - offset) * accum)
+        epoch, offset = epoch + 1, 0
+
+
+def to_float(images: torch.Tensor | list, memory_format) -> torch.Tensor | list:
+    """A uint8 batch (or a list of them, one per view) as the model takes it: [0, 1] floats."""
+    if isinstance(images, list):
+        return [to_float(v, memory_format) for v in images]
     return images.float().div_(255).contiguous(memory_format=memory_format)
 
 

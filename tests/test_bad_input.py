@@ -304,3 +304,14 @@ def test_sharded_training_on_cpu_is_refused_rather_than_silently_replicated(tmp_
     with pytest.raises(UsageError, match=f"--use_{engine.lower()} needs GPUs"):
         main(tiny_args(tmp_path))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("content", ["empty", "no_images"])
+def test_an_image_folder_without_images_is_one_line_at_start_up(tmp_path, content):
+    folder = tmp_path / "images"
+    (folder / "cats").mkdir(parents=True)
+    if content == "no_images":
+        (folder / "cats" / "notes.txt").write_text("not an image")
+    with pytest.raises(UsageError, match=f"--data imagefolder:{folder}: no image files in it"):
+        main(tiny_args(tmp_path, "--data", f"imagefolder:{folder}"))
+    assert not (tmp_path / "run").exists()

@@ -83,7 +83,7 @@ def test_budget_study_runs_every_cell_at_its_total_and_pairs_gains(tmp_path):
         "label_fractions": [0.5],
         "seeds": [0, 1],
         "budgets": [32, 64],
-        "pretrain_shares": [0.5, 0.75],
+        "pretrain_shares": [0.5],
         "objectives": {"masked_patch": {}, "mae": {"adam_beta2": 0.95, "mae.decoder_embed_dim": 16, "mae.decoder_num_heads": 2}},
     }  # fmt: skip
     config = tmp_path / "study.yaml"
@@ -91,7 +91,7 @@ def test_budget_study_runs_every_cell_at_its_total_and_pairs_gains(tmp_path):
     everything = main(["--config", str(config)])
     root = tmp_path / "study"
     rows = [r for r in everything if r["kind"] == "budget"]
-    assert len(rows) == 2 * (1 + 2 * 2) * 2  # budgets x (scratch + 2 objectives x 2 shares) x seeds
+    assert len(rows) == 2 * (1 + 2) * 2  # budgets x (scratch + 2 objectives x 1 share) x seeds
     # Budget by budget, smallest first: an interrupted study has whole curves up to where it reached.
     assert [r["budget"] for r in rows] == sorted(r["budget"] for r in rows)
     # Every pretraining's frozen features once, beside random weights, on the test split.
@@ -135,6 +135,7 @@ def test_budget_study_runs_every_cell_at_its_total_and_pairs_gains(tmp_path):
 def budget_rows(curves: dict, val: Optional[dict] = None) -> list[dict]:
     """Rows of a budget study: arm -> {budget: [top-1 of seed 0, seed 1, ...]}."""
     return [{"kind": "budget", "arm": arm, "objective": "" if arm == "scratch" else arm.rstrip("0123456789."),
+             "family": "scratch" if arm == "scratch" else arm.rstrip("0123456789."),
              "share": 0.0 if arm == "scratch" else float(arm[len(arm.rstrip("0123456789.")):]), "label_fraction": 0.1,
              "budget": budget, "seed": seed, "top1": top1, "val_top1": (val or {}).get(arm, {}).get(budget, [top1] * 9)[seed]}
             for arm, curve in curves.items() for budget, accs in curve.items() for seed, top1 in enumerate(accs)]  # fmt: skip
@@ -161,6 +162,35 @@ def test_budget_summary_names_where_an_objective_stays_ahead_and_reads_each_obje
     assert mae.split("|")[3].strip() == "not within the range"
     notes = " ".join(budget_summary(rows))
     assert "not saturated within the range: +2.00% per doubling between its two largest budgets (4 and 8)" in notes
+
+
+def test_semi_supervised_arms_fine_tune_on_what_the_same_flops_buy():
+    """With `semi`, every cell also fine-tunes semi-supervised (from scratch: arm semi; after each pretraining:
+    <arm>+semi) on the labelled images that fine-tuning's FLOPs buy at its own cost per labelled image (unlabeled images
+    and the teacher's forward counted), in whole batches; planned before any run."""
+    from ssvit.compare import Study, budget_plan, counted_flops, flags, semi_argv
+    from ssvit.config import preset
+
+    model_kwargs = yaml.safe_load(TINY_VIT[TINY_VIT.index("--model_kwargs") + 1])
+    study = Study(output_dir="unused", budgets=[512, 1024], pretrain_shares=[0.5], objectives={"mae": {"mae.decoder_embed_dim": 16, "mae.decoder_num_heads": 2}},
+                  base={"model": "vit_tiny_patch16_224", "model_kwargs": model_kwargs, "img_size": 16, "data": "synthetic:300"},
+                  pretrain={"batch_size": 8}, finetune={"batch_size": 8},
+                  semi={"objective": "fixmatch", "fixmatch.mu": 2, "fixmatch.teacher": "ema"})  # fmt: skip
+    cells = {(c.arm, c.budget): c for c in budget_plan(study)}
+    assert {arm for arm, _ in cells} == {"scratch", "mae0.5", "semi", "mae0.5+semi"}
+    fine = counted_flops([*flags(study.base), *flags(study.finetune)], defaults=preset("finetune"))
+    semi = counted_flops(semi_argv(study), defaults=preset("finetune"))
+    assert 3 * fine < semi < 5 * fine  # mu 2: 3 images trained, 2 more through the teacher's forward
+    for budget in (512, 1024):
+        plain, scratch = cells["mae0.5", budget], cells["scratch", budget]
+        assert cells["semi", budget].finetune_images == 8 * round(budget * fine / semi / 8)
+        both = cells["mae0.5+semi", budget]
+        assert (both.pretrain_images, both.semi, both.family) == (plain.pretrain_images, True, "mae+semi")
+        assert both.finetune_images == 8 * round(plain.finetune_images * fine / semi / 8)
+        assert (scratch.family, cells["semi", budget].family, plain.family) == ("scratch", "semi", "mae")
+    study.budgets = [16]
+    with pytest.raises(UsageError, match="budget 16: the semi-supervised fine-tuning of mae0.5 would train on less than one batch of 8"):
+        budget_plan(study)
 
 
 def test_budget_study_refuses_a_split_that_is_not_whole_batches_before_any_run(tmp_path):

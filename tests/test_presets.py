@@ -61,7 +61,7 @@ def test_preset_trains_for_two_steps(path, tmp_path, monkeypatch):
     preset = yaml.safe_load(path.read_text())
     assert preset_data_is_the_users(preset.get("data") or preset.get("base", {}).get("data", "synthetic"))
     if path.stem.startswith("compare_"):
-        run_study_preset(preset, tmp_path)
+        run_study_preset(preset, tmp_path, path.stem)
         return
     flags = tiny({k: v for k, v in preset.items()})
     needs_shared(flags["data"])
@@ -81,42 +81,54 @@ def test_preset_trains_for_two_steps(path, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "run/results.json").read_text())["steps"] == 2
 
 
-STUDIES_RUN: set[str] = set()
-"""The shrunk forms of the study presets trained so far: the same tiny study is not trained twice."""
-
-
 def shrunk(flags: dict) -> dict:
     """A study's own step counts (an objective's, at equal FLOPs) cut to the tiny run's."""
     return {k: TINY[k] for k in ("max_steps", "warmup_steps") if k in flags}
 
 
-def run_study_preset(study: dict, tmp_path) -> None:
-    base = tiny(study["base"])
-    needs_shared(base["data"])
+def tiny_study_of(study: dict) -> dict:
+    """A study preset shrunk: tiny runs, one label fraction, one seed, one ablation, one budget (no output_dir)."""
     tiny_study = {
         **study,
-        "output_dir": str(tmp_path / "study"),
-        "base": base,
+        "base": tiny(study["base"]),
         "pretrain": {**study["pretrain"], **{k: TINY[k] for k in ("max_steps", "warmup_steps", "batch_size")}},
         "objectives": {o: {**v, **SHRINK_DECODER.get(o, {}), **shrunk(v)} for o, v in study.get("objectives", {"masked_patch": {}}).items()},
         "supervised": {**study.get("supervised", {}), **shrunk(study.get("supervised", {}))},
         "finetune": {**study["finetune"], **{k: TINY[k] for k in ("max_steps", "warmup_steps", "batch_size")}},
         "label_fractions": study["label_fractions"][:1],
         "seeds": study["seeds"][:1],
-        "ablations": dict(list(study.get("ablations", {}).items())[:1]),
+        "ablations": {name: {**extra, **shrunk(extra)} for name, extra in list(study.get("ablations", {}).items())[:1]},
         # the frozen-feature evaluation is test_compare's: here, that the preset's recipe runs (unless it is all it does)
         "frozen": not study["label_fractions"],
         "frozen_max_train": 500,
     }
-    for name, extra in tiny_study["ablations"].items():
-        tiny_study["ablations"][name] = {**extra, **{k: TINY[k] for k in ("max_steps", "warmup_steps") if k in extra}}
+    tiny_study.pop("output_dir", None)
     if study.get("budgets"):  # compute on the x-axis: one budget of 32 images and one share, whole batches of 8
         tiny_study["budgets"], tiny_study["pretrain_shares"] = [32], study["pretrain_shares"][:1]
+    return tiny_study
+
+
+def _twins() -> dict[str, str]:
+    """Study presets whose shrunk form equals an earlier preset's (a quick variant that differs from its full study only
+    in what the test shrinks): each is trained once, under the first name, whichever tests are selected."""
+    first, twins = {}, {}
+    for path in PRESETS:
+        preset = yaml.safe_load(path.read_text())
+        if path.stem.startswith("compare_"):
+            form = json.dumps(tiny_study_of(preset), sort_keys=True)
+            twins[path.stem] = first.setdefault(form, path.stem)
+    return {stem: twin for stem, twin in twins.items() if twin != stem}
+
+
+TWINS = _twins()
+
+
+def run_study_preset(study: dict, tmp_path, name: str) -> None:
     compare.Study(**study)  # every key of the preset is one of the study's
-    shrunk_form = json.dumps({k: v for k, v in tiny_study.items() if k != "output_dir"}, sort_keys=True)
-    if shrunk_form in STUDIES_RUN:  # a quick variant that differs from its full study only in what the test shrinks
+    if name in TWINS:  # trained by its twin's test, which always runs it
         return
-    STUDIES_RUN.add(shrunk_form)
+    tiny_study = {**tiny_study_of(study), "output_dir": str(tmp_path / "study")}
+    needs_shared(tiny_study["base"]["data"])
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump(tiny_study))
     rows = compare.main(["--config", str(config)])

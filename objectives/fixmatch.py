@@ -1,0 +1,117 @@
+"""Semi-supervised classification: FixMatch (Sohn et al., "FixMatch: Simplifying Semi-Supervised Learning with
+Consistency and Confidence", NeurIPS 2020, arXiv 2001.07685; official code google-research/fixmatch), and the
+EMA-teacher pseudo-labelling of Semi-ViT (Cai et al., "Semi-supervised Vision Transformers at Scale", NeurIPS 2022,
+arXiv 2208.05688, section 3.1).
+
+Beside each labelled batch the loop hands forward a batch of `mu` times as many images drawn from every training
+image (Objective.unlabeled), each as a weak view (the labelled images' crop and flip) and a strong view (RandAugment
+and Cutout, FixMatch section 2.3). The weak view's prediction, with no gradient, is the pseudo-label; where its
+confidence reaches the threshold, the strong view is trained on it (FixMatch eq. 2-4):
+
+    loss = CE(labelled) + lambda_u * mean over the unlabeled batch of 1[max q_weak >= tau] * CE(strong, argmax q_weak)
+
+`--fixmatch.teacher model` takes q_weak from the model itself (FixMatch: one forward of labelled, weak and strong
+images together); `--fixmatch.teacher ema` from an exponential moving average of the model (Semi-ViT: more stable for
+ViTs), which moves once per optimizer step. Without an unlabeled batch (validation) it is the supervised objective.
+Fine-tuning from a pretrained backbone is `ssvit finetune --init CKPT --objective fixmatch` (Semi-ViT's third stage).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssvit.data import RandAugment, View, Views
+from ssvit.objectives import register
+from ssvit.objectives.base import Progress, StepOutput, Unlabeled, check_ranges
+from ssvit.objectives.supervised import Supervised
+
+
+@register("fixmatch")
+class FixMatch(Supervised):
+    @dataclass
+    class Options(Supervised.Options):
+        zero_init_head: bool = True
+        """Zero-initialise the head (paper section 3.2 of the ViT paper: fine-tuning heads start at zero)."""
+        mu: int = 7
+        """Unlabeled images per labelled image in a step (FixMatch: 7)."""
+        threshold: float = 0.95
+        """Confidence a pseudo-label needs to be trained on (FixMatch: 0.95; Semi-ViT with its EMA teacher: 0.7)."""
+        lambda_u: float = 1.0
+        """Weight of the unlabeled loss (FixMatch: 1)."""
+        teacher: Literal["model", "ema"] = "model"
+        """Who labels the weak views: the model itself (FixMatch) or its EMA (Semi-ViT)."""
+        ema_momentum: float = 0.999
+        """With teacher ema: the teacher's momentum per optimizer step (Semi-ViT: 0.9999 at ImageNet's length)."""
+        randaugment_ops: int = 2
+        """Operations of the strong view's RandAugment (FixMatch: 2, each at a random magnitude)."""
+        cutout: float = 0.5
+        """Largest Cutout square of the strong view, as a share of the image side (FixMatch: 0.5; 0: none)."""
+
+    @classmethod
+    def check_options(cls, cfg, options: Options) -> None:
+        super().check_options(cfg, options)
+        o = options
+        check_ranges("fixmatch", [
+            ("mu", o.mu, o.mu >= 1, "1 or more (FixMatch: 7)"),
+            ("threshold", o.threshold, 0 <= o.threshold <= 1, "in [0, 1] (FixMatch: 0.95)"),
+            ("lambda_u", o.lambda_u, o.lambda_u >= 0, "0 or more (FixMatch: 1)"),
+            ("ema_momentum", o.ema_momentum, 0 <= o.ema_momentum < 1, "in [0, 1) (Semi-ViT: 0.9999)"),
+            ("randaugment_ops", o.randaugment_ops, o.randaugment_ops >= 0, "0 or more (FixMatch: 2)"),
+            ("cutout", o.cutout, 0 <= o.cutout <= 1, "a share of the image side in [0, 1] (FixMatch: 0.5)"),
+        ])  # fmt: skip
+
+    @classmethod
+    def unlabeled(cls, cfg, options: Options) -> Unlabeled:
+        weak = View(cfg.img_size, tuple(cfg.crop_scale), hflip=cfg.hflip)
+        strong = View(cfg.img_size, tuple(cfg.crop_scale), RandAugment(options.randaugment_ops, cutout=options.cutout), cfg.hflip)
+        return Unlabeled(Views((weak, strong)), options.mu)
+
+    def __init__(self, backbone: nn.Module, num_classes: int, options: Options):
+        super().__init__(backbone, num_classes, options)
+        self.teacher = None
+        if options.teacher == "ema":  # starts as the model and is never trained by gradients (Semi-ViT, section 3.1)
+            self.teacher = nn.ModuleDict({"backbone": copy.deepcopy(backbone), "head": copy.deepcopy(self.head)})
+            self.teacher.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # no drop path nor dropout in the teacher
+        return self
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, unlabeled: Optional[list[torch.Tensor]] = None) -> StepOutput:
+        if unlabeled is None:  # validation, or a check of the weights on a labelled batch
+            return super().forward(images, labels)
+        o, n = self.options, len(images)
+        weak, strong = unlabeled
+        if self.teacher is None:  # one forward of all three, the weak logits detached (the official code's)
+            logits = self.logits(torch.cat([images, weak, strong]))
+            labelled, weak_logits, strong_logits = logits[:n], logits[n : n + len(weak)].detach(), logits[n + len(weak) :]
+        else:
+            with torch.no_grad():
+                weak_logits = self.teacher["head"](self.teacher["backbone"](self.normalize(weak)))
+            logits = self.logits(torch.cat([images, strong]))
+            labelled, strong_logits = logits[:n], logits[n:]
+        confidence, pseudo = F.softmax(weak_logits.float(), dim=-1).max(-1)
+        mask = (confidence >= o.threshold).float()
+        supervised = F.cross_entropy(labelled.float(), labels, label_smoothing=o.label_smoothing)
+        consistency = (F.cross_entropy(strong_logits.float(), pseudo, reduction="none") * mask).mean()
+        accuracy = (labelled.argmax(-1) == labels).float().mean()
+        logs = {"accuracy": accuracy.detach(), "loss_x": supervised.detach(), "loss_u": consistency.detach(),
+                "mask": mask.mean(), "confidence": confidence.mean()}  # fmt: skip
+        return StepOutput(supervised + o.lambda_u * consistency, logs, extras={"pseudo": pseudo, "mask": mask})
+
+    @torch.no_grad()
+    def on_optimizer_step(self, progress: Progress) -> None:
+        """The EMA teacher moves once per optimizer step, after it."""
+        if self.teacher is not None:
+            m = self.options.ema_momentum
+            for t, s in zip([*self.teacher["backbone"].parameters(), *self.teacher["head"].parameters()],
+                            [*self.backbone.parameters(), *self.head.parameters()]):  # fmt: skip
+                t.lerp_(s.detach(), 1 - m)

@@ -1,0 +1,158 @@
+"""Semi-supervised fine-tuning (objectives/fixmatch.py) and the second, unlabeled stream the loop gives it: pseudo-labels
+from the weak view through no gradient, the threshold's mask, the EMA teacher moved once per optimizer step, FLOPs
+that count every forward, one process and two the same, exact resume of both streams."""
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.utils.flop_counter import FlopCounterMode
+
+from ssvit.config import parse
+from ssvit.data import RandAugment, load_splits
+from ssvit.errors import UsageError
+from ssvit.finetune import main as finetune_main
+from ssvit.objectives.base import Progress
+from ssvit.pretrain import main
+from ssvit.train import build_objective, example_batch, inputs
+
+from conftest import ROOT, tiny_args
+from test_multiprocess import launch
+
+
+def fixmatch_args(tmp_path, *extra):
+    return tiny_args(tmp_path, "--fixmatch.mu", "2", "--label_fraction", "0.1", "--fewshot_steps", "0", *extra, objective="fixmatch")
+
+
+def model(*extra):
+    run = parse(fixmatch_args(ROOT / "unused", *extra))
+    torch.manual_seed(0)
+    objective = build_objective(run, 10)
+    torch.nn.init.normal_(objective.head.weight, std=1.0)  # confident predictions (the head starts at zero)
+    return run, objective
+
+
+def test_the_unlabeled_stream_is_every_training_image_as_a_weak_and_a_strong_view():
+    run, objective = model()
+    splits = load_splits(run.train, unlabeled_views=type(objective).unlabeled(run.train, run.objective_options).views)
+    assert len(splits.train) == 54 and len(splits.unlabeled) == 540  # 10% of 540 labelled; all 540 unlabeled
+    weak, strong = splits.unlabeled[(0, 7)]["image"]
+    again = splits.unlabeled[(0, 7)]["image"]
+    assert weak.shape == strong.shape == (3, 16, 16) and weak.dtype == torch.uint8
+    assert torch.equal(weak, again[0]) and torch.equal(strong, again[1])  # seeded per (epoch, item): exact resume
+    assert not torch.equal(splits.unlabeled[(1, 7)]["image"][1], strong)
+
+
+def test_randaugment_is_drawn_from_the_item_rng_and_leaves_torch_rng_alone():
+    image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    a, b = RandAugment()(image, random.Random(1)), RandAugment()(image, random.Random(1))
+    assert torch.equal(a, b) and not torch.equal(a, image)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert (RandAugment(num_ops=0, cutout=0.5)(image, random.Random(2)) == 127).any()  # Cutout's grey square
+
+
+@pytest.mark.parametrize("teacher", ["model", "ema"])
+def test_pseudo_labels_come_from_the_weak_view_through_no_gradient(teacher):
+    run, objective = model("--fixmatch.teacher", teacher, "--fixmatch.threshold", "0")
+    batch = example_batch(run, 4)
+    weak, strong = (v.requires_grad_() for v in batch["unlabeled"])
+    out = objective(batch["image"], batch["label"], [weak, strong])
+    with torch.no_grad():
+        labeller = objective if teacher == "model" else None
+        expected = (labeller.logits(weak) if labeller else objective.teacher["head"](objective.teacher["backbone"](objective.normalize(weak))))
+    assert torch.equal(out.extras["pseudo"], expected.argmax(-1))
+    out.loss.backward()
+    assert weak.grad is None or not weak.grad.any()  # no gradient reaches the weak view
+    assert strong.grad is not None and strong.grad.any()
+    # The strong view does not change the pseudo-labels.
+    other = objective(batch["image"], batch["label"], [weak.detach(), torch.rand_like(strong)])
+    assert torch.equal(other.extras["pseudo"], out.extras["pseudo"])
+
+
+def test_the_threshold_masks_the_unlabeled_loss():
+    run, objective = model()
+    batch = example_batch(run, 4)
+    logs = {}
+    for threshold in (0.0, 1.0):
+        objective.options.threshold = threshold
+        logs[threshold] = objective(*inputs(batch))
+    assert logs[0.0].logs["mask"] == 1 and logs[0.0].logs["loss_u"] > 0
+    assert logs[1.0].logs["mask"] < 1
+    kept = logs[1.0].extras["mask"]
+    assert torch.equal(kept, (torch.softmax(objective.logits(batch["unlabeled"][0]), -1).max(-1).values >= 1.0).float())
+    objective.options.threshold = 0.5
+    out = objective(*inputs(batch))
+    assert 0 < out.logs["mask"] < 1  # some images above, some below
+    supervised_only = objective(batch["image"], batch["label"])
+    torch.testing.assert_close(out.logs["loss_x"], supervised_only.loss)
+    torch.testing.assert_close(out.loss, out.logs["loss_x"] + out.logs["loss_u"])
+
+
+def test_the_ema_teacher_moves_once_per_optimizer_step(tmp_path, monkeypatch):
+    from ssvit.objectives.fixmatch import FixMatch
+
+    run, objective = model("--fixmatch.teacher", "ema", "--fixmatch.ema_momentum", "0.9")
+    teacher = objective.teacher["backbone"].blocks[0].attn.qkv.weight.clone()
+    with torch.no_grad():
+        objective.backbone.blocks[0].attn.qkv.weight.add_(1.0)
+    objective.on_optimizer_step(Progress(1, 10, 10, None))
+    torch.testing.assert_close(objective.teacher["backbone"].blocks[0].attn.qkv.weight,
+                               0.9 * teacher + 0.1 * objective.backbone.blocks[0].attn.qkv.weight)  # fmt: skip
+    calls = []
+    real = FixMatch.on_optimizer_step
+    monkeypatch.setattr(FixMatch, "on_optimizer_step", lambda self, progress: (calls.append(progress.step), real(self, progress)))
+    main(fixmatch_args(tmp_path, "--fixmatch.teacher", "ema", "--max_steps", "3", "--gradient_accumulation_steps", "2"))
+    assert calls == [1, 2, 3]  # 6 micro-steps, 3 optimizer steps
+
+
+def test_flops_count_the_unlabeled_images_and_the_teacher():
+    def flops(*extra):
+        run, objective = model(*extra)
+        with FlopCounterMode(display=False) as counter:
+            objective(*inputs(example_batch(run, 2))).loss.backward()
+        return counter.get_total_flops()
+
+    run, objective = model()
+    with FlopCounterMode(display=False) as counter:
+        objective(*inputs({k: v for k, v in example_batch(run, 2).items() if k != "unlabeled"})).loss.backward()
+    supervised = counter.get_total_flops()
+    assert flops() == pytest.approx(supervised * (1 + 2 * 2))  # mu 2: 2 + 4 + 4 images through forward and backward
+    ema = flops("--fixmatch.teacher", "ema")
+    assert supervised * (1 + 2) < ema < flops()  # the teacher's forward on the weak views counts, with no backward
+
+
+def test_one_process_and_two_train_the_same_weights(tmp_path):
+    common = ["--max_steps", "3", "--save_steps", "3", "--eval_steps", "3", "--eval_batches", "1", "--fixmatch.threshold", "0",
+              "--fixmatch.teacher", "ema", "--fixmatch.ema_momentum", "0.5"]  # fmt: skip
+    main(fixmatch_args(tmp_path / "one", *common))
+    launch("ssvit/pretrain.py", *fixmatch_args(tmp_path / "two", *common))
+    assert json.loads((tmp_path / "two/run/results.json").read_text())["num_processes"] == 2
+    one = load_file(tmp_path / "one/run/checkpoints/step_000003/model.safetensors")
+    two = load_file(tmp_path / "two/run/checkpoints/step_000003/model.safetensors")
+    assert set(one) == set(two) and any(k.startswith("teacher.") for k in one)
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_fine_tunes_from_a_checkpoint_and_logs_the_mask(tmp_path):
+    pretrained = main(tiny_args(tmp_path / "pre", "--max_steps", "2", "--fewshot_steps", "0"))
+    result = finetune_main(["--init", pretrained["checkpoint"], *fixmatch_args(tmp_path / "ft", "--max_steps", "2")])
+    assert result["steps"] == 2 and result["objective"] == "fixmatch" and "val/top1" in result
+    rows = [json.loads(line) for line in (tmp_path / "ft/run/metrics.jsonl").read_text().splitlines()]
+    assert {"train/mask", "train/loss_u", "train/loss_x"} <= set(rows[0])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--fixmatch.mu", "0"], "--fixmatch.mu 0: must be 1 or more"),
+    (["--fixmatch.threshold", "1.5"], "--fixmatch.threshold 1.5: must be in \\[0, 1\\]"),
+    (["--fixmatch.ema_momentum", "1"], "--fixmatch.ema_momentum 1.0: must be in \\[0, 1\\)"),
+    (["--fixmatch.mu", "40"], "40 x --batch_size 16 unlabeled images per step is more than the 540 training images"),
+    (["--streaming"], "draws a second, unlabeled stream of images, which --streaming does not provide"),
+])  # fmt: skip
+def test_bad_options_are_one_line(tmp_path, flags, message):
+    with pytest.raises(UsageError, match=message):
+        main(fixmatch_args(tmp_path, *flags))
