@@ -20,6 +20,7 @@ def register(name: str):
         if name in OBJECTIVES:
             raise ValueError(f"objective {name!r} is registered twice ({OBJECTIVES[name].__module__}, {cls.__module__})")
         OBJECTIVES[name] = cls
+        cls.name = name  # what its options are addressed by: --<name>.<option>
         return cls
 
     return add

@@ -40,11 +40,22 @@ def mlp_tanh_head(dim: int, out_dim: int, hidden_dim: Optional[int] = None) -> n
     return nn.Sequential(nn.Linear(dim, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, out_dim))
 
 
-def check_ranges(objective: str, rows: list[tuple[str, object, bool, str]]) -> None:
-    """Refuse the first option out of its range: rows of (option, value, within range, the range in words)."""
-    for name, value, ok, rule in rows:
-        if not ok:
-            raise UsageError(f"--{objective}.{name} {value}: must be {rule}.")
+def token_geometry(cfg) -> Optional[tuple[int, tuple[int, int]]]:
+    """(pixels per token side, token grid) of the run's backbone, read from the timm model itself, built on the meta
+    device (no weights, no memory; 40 to 300 ms), so that options can be checked against it before any work. None for
+    a model without patch tokens (BiT), or one timm cannot build as given (building the run names the problem)."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            backbone = timm.create_model(cfg.model, **{**(cfg.model_kwargs or {}), "num_classes": 0, "img_size": cfg.img_size})
+    except Exception:  # noqa: BLE001 - no img_size argument (BiT), an unknown name or keyword: ssvit.models says which
+        return None
+    embed = getattr(backbone, "patch_embed", None)
+    if embed is None or not hasattr(embed, "grid_size"):
+        return None
+    grid = tuple(embed.grid_size)
+    return embed.img_size[0] // grid[0], grid  # a hybrid's patch_embed works on CNN features: pixels over the grid
 
 
 class PatchTokens:
@@ -133,6 +144,8 @@ class Objective(nn.Module):
     One path computes predictions and loss (forward); validation metrics are updated from its outputs. What the rest
     of ssvit needs to know of an objective is a class attribute here, never its name."""
 
+    name: str = ""
+    """The name it is registered under (set by register): its options are --<name>.<option>."""
     best_metric: Optional[str] = None
     """Validation metric (higher is better) that selects the best checkpoint, e.g. "top1"."""
     needs_labels: bool = True

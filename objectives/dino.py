@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssvit.data import Photometric, View, Views
-from ssvit.errors import UsageError
+from ssvit.errors import UsageError, check_ranges
 from ssvit.objectives import register
-from ssvit.objectives.base import Objective, Progress, StepOutput, check_ranges
+from ssvit.objectives.base import Objective, Progress, StepOutput, token_geometry
 
 
 class DINOHead(nn.Module):
@@ -116,7 +116,7 @@ class DINO(Objective):
     @classmethod
     def check_options(cls, cfg, options: Options) -> None:
         o = options
-        check_ranges("dino", [
+        check_ranges([
             ("global_crops", o.global_crops, o.global_crops >= 1, "1 or more (the teacher's views; paper: 2)"),
             ("local_crops", o.local_crops, o.local_crops >= 0 and o.global_crops + o.local_crops >= 2,
              "0 or more, with at least two crops in all: the loss compares pairs of different views"),
@@ -137,7 +137,7 @@ class DINO(Objective):
             ("freeze_last_layer_epochs", o.freeze_last_layer_epochs, o.freeze_last_layer_epochs >= 0, "0 or more"),
             ("weight_decay_end", o.weight_decay_end, o.weight_decay_end >= 0, "0 or more (paper: 0.4)"),
             ("collapse_logs", o.collapse_logs, o.collapse_logs >= 1, "1 or more"),
-        ])  # fmt: skip
+        ], "--dino.")  # fmt: skip
         sizes = cls.crop_sizes(cfg, o)
         if sizes[1] > sizes[0]:
             raise UsageError(f"--dino.local_crop_size {sizes[1]} is larger than the global crops ({sizes[0]} px): local "
@@ -145,7 +145,8 @@ class DINO(Objective):
 
     @staticmethod
     def crop_sizes(cfg, o: Options) -> tuple[int, int]:
-        patch = (cfg.model_kwargs or {}).get("patch_size") or 16
+        geometry = token_geometry(cfg)  # pixels per token, read from the backbone (16 for a model without tokens)
+        patch = geometry[0] if geometry else 16
         local = o.local_crop_size or max(patch, round(cfg.img_size * 96 / 224 / patch) * patch)
         return o.global_crop_size or cfg.img_size, local
 
@@ -156,13 +157,17 @@ class DINO(Objective):
     @classmethod
     def views(cls, cfg, options: Options) -> Views:
         """DataAugmentationDINO: global crops with blur (p 1.0, then 0.1) and, on the second, solarisation; local
-        crops with blur (p 0.5); all with flips, colour jitter (0.4, 0.4, 0.2, 0.1; p 0.8) and grayscale (p 0.2)."""
+        crops with blur (p 0.5); all resized bicubic (the official RandomResizedCrop's interpolation), with flips,
+        colour jitter (0.4, 0.4, 0.2, 0.1; p 0.8) and grayscale (p 0.2). The local crops' position table is timm's
+        resampling (dynamic_img_size: bicubic with antialiasing), not the official interpolate_pos_encoding (bicubic
+        without): a choice, so that the backbone stays a plain timm model; the tables differ by 7 to 46%."""
         o, (size, local) = options, cls.crop_sizes(cfg, options)
         first, second, small = o.blur_probs
         globals_ = [View(size, tuple(o.global_crops_scale), Photometric(blur_prob=first if i % 2 == 0 else second,
-                                                                          solarize_prob=0.0 if i % 2 == 0 else o.solarize_prob))
+                                                                          solarize_prob=0.0 if i % 2 == 0 else o.solarize_prob),
+                         interpolation="bicubic")
                     for i in range(o.global_crops)]  # fmt: skip
-        locals_ = [View(local, tuple(o.local_crops_scale), Photometric(blur_prob=small)) for _ in range(o.local_crops)]
+        locals_ = [View(local, tuple(o.local_crops_scale), Photometric(blur_prob=small), interpolation="bicubic") for _ in range(o.local_crops)]
         return Views(tuple(globals_ + locals_))
 
     def __init__(self, backbone: nn.Module, num_classes: int, options: Options):
@@ -178,7 +183,8 @@ class DINO(Objective):
         for p in [*self.teacher_backbone.parameters(), *self.teacher_head.parameters()]:
             p.requires_grad_(False)
         self.register_buffer("centre", torch.zeros(1, o.out_dim))
-        self.register_buffer("teacher_temp_now", torch.tensor(o.warmup_teacher_temp))
+        # The official schedule starts at warmup_teacher_temp, or at teacher_temp when there is no warm-up.
+        self.register_buffer("teacher_temp_now", torch.tensor(o.warmup_teacher_temp if o.warmup_teacher_temp_epochs else o.teacher_temp))
         self._sums, self._rows, self._low_or_high = None, 0, 0
 
     def train(self, mode: bool = True):

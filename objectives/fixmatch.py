@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssvit.data import RandAugment, View, Views
+from ssvit.errors import check_ranges
 from ssvit.objectives import register
-from ssvit.objectives.base import Progress, StepOutput, Unlabeled, check_ranges
+from ssvit.objectives.base import Progress, StepOutput, Unlabeled
 from ssvit.objectives.supervised import Supervised
 
 
@@ -57,14 +58,14 @@ class FixMatch(Supervised):
     def check_options(cls, cfg, options: Options) -> None:
         super().check_options(cfg, options)
         o = options
-        check_ranges("fixmatch", [
+        check_ranges([
             ("mu", o.mu, o.mu >= 1, "1 or more (FixMatch: 7)"),
             ("threshold", o.threshold, 0 <= o.threshold <= 1, "in [0, 1] (FixMatch: 0.95)"),
             ("lambda_u", o.lambda_u, o.lambda_u >= 0, "0 or more (FixMatch: 1)"),
             ("ema_momentum", o.ema_momentum, 0 <= o.ema_momentum < 1, "in [0, 1) (Semi-ViT: 0.9999)"),
             ("randaugment_ops", o.randaugment_ops, o.randaugment_ops >= 0, "0 or more (FixMatch: 2)"),
             ("cutout", o.cutout, 0 <= o.cutout <= 1, "a share of the image side in [0, 1] (FixMatch: 0.5)"),
-        ])  # fmt: skip
+        ], "--fixmatch.")  # fmt: skip
 
     @classmethod
     def unlabeled(cls, cfg, options: Options) -> Unlabeled:

@@ -1,8 +1,8 @@
 """MAE: masked autoencoders (He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022, arXiv
 2111.06377), as the paper and its official code (facebookresearch/mae, models_mae.py) do it.
 
-Per image, exactly round(mask_ratio x N) patches are masked, chosen by the argsort of uniform noise (section 3,
-"Masking": random sampling, 75% by default). The encoder, the backbone itself, sees only the visible patches and
+Per image, int(N x (1 - mask_ratio)) patches stay visible and the rest are masked, chosen by the argsort of uniform
+noise (section 3, "Masking": random sampling, 75% by default; the official random_masking's len_keep). The encoder, the backbone itself, sees only the visible patches and
 the class token, with their position embeddings: no mask token enters it ("MAE encoder"). A lightweight decoder
 (its own blocks; fixed 2-D sine-cosine position embeddings) takes the encoded visible tokens and a shared, learned
 mask token at every masked position and predicts each masked patch's pixels ("MAE decoder"). The loss is the
@@ -14,6 +14,7 @@ fixed 2-D sine-cosine ones as well (the official code freezes them in pretrainin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -23,15 +24,21 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from ssvit.objectives import register
-from ssvit.objectives.base import PatchTokens, PixelReconstruction, StepOutput, check_ranges, patchify, save_reconstructions
-from ssvit.errors import UsageError
+from ssvit.objectives.base import PatchTokens, PixelReconstruction, StepOutput, patchify, save_reconstructions
+from ssvit.errors import UsageError, check_ranges
+
+
+def visible_patches(n: int, ratio: float) -> int:
+    """Patches kept visible per image: the official random_masking's len_keep = int(n * (1 - ratio)) (at n = 64 and
+    ratio 0.6: 25 visible, 39 masked)."""
+    return int(n * (1 - ratio))
 
 
 def random_masking(batch: int, n: int, ratio: float, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exactly round(ratio * n) masked patches per image by the argsort of uniform noise (official code:
+    """n - visible_patches(n, ratio) masked patches per image by the argsort of uniform noise (official code:
     random_masking). Returns (keep (B, n - k): the visible patches' indices in shuffled order, restore (B, n): the
     permutation that puts [visible, masked] back in patch order, mask (B, n): 1 for masked, 0 for visible)."""
-    masked = round(ratio * n)
+    masked = n - visible_patches(n, ratio)
     shuffle = torch.rand(batch, n, device=device).argsort(dim=1)
     restore = shuffle.argsort(dim=1)
     mask = torch.ones(batch, n, device=device)
@@ -52,12 +59,16 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return (per_patch * mask).sum() / mask.sum()
 
 
+DecoderNorm = partial(nn.LayerNorm, eps=1e-6)
+"""The official decoder's LayerNorm (models_mae.py: norm_layer=partial(nn.LayerNorm, eps=1e-6))."""
+
+
 @register("mae")
 class MAE(PixelReconstruction):
     @dataclass
     class Options:
         mask_ratio: float = 0.75
-        """Share of the patches masked per image, exactly round(mask_ratio x N) (paper: 75%)."""
+        """Share of the patches masked per image: int(N x (1 - mask_ratio)) stay visible, as the official code keeps (paper: 75%)."""
         norm_pix_loss: bool = True
         """Targets normalised per patch by their mean and variance (paper, Table 1c: better representations)."""
         decoder_embed_dim: int = 128
@@ -73,14 +84,14 @@ class MAE(PixelReconstruction):
     @classmethod
     def check_options(cls, cfg, options: Options) -> None:
         o = options
-        check_ranges("mae", [
+        check_ranges([
             ("mask_ratio", o.mask_ratio, 0 < o.mask_ratio < 1, "in (0, 1) (paper: 0.75)"),
             ("decoder_embed_dim", o.decoder_embed_dim, o.decoder_embed_dim >= 4 and o.decoder_embed_dim % 4 == 0,
              "a multiple of 4, for the 2-D sine-cosine positions (paper: 512)"),
             ("decoder_depth", o.decoder_depth, o.decoder_depth >= 1, "1 or more blocks (paper: 8)"),
             ("decoder_num_heads", o.decoder_num_heads, o.decoder_num_heads >= 1, "1 or more (paper: 16)"),
             ("mosaic_images", o.mosaic_images, o.mosaic_images >= 0, "0 (no figure) or more images"),
-        ])  # fmt: skip
+        ], "--mae.")  # fmt: skip
         if o.decoder_embed_dim % o.decoder_num_heads:
             raise UsageError(f"--mae.decoder_embed_dim {o.decoder_embed_dim} is not divisible by --mae.decoder_num_heads "
                              f"{o.decoder_num_heads}: choose a width that is a multiple of the heads (paper: 512 and 16).")  # fmt: skip
@@ -89,9 +100,9 @@ class MAE(PixelReconstruction):
         super().__init__(backbone, num_classes, options)
         self.tokens = PatchTokens(backbone, "mae")
         o, n, dim = options, self.tokens.num_patches, backbone.embed_dim
-        if not 0 < round(o.mask_ratio * n) < n:
-            raise UsageError(f"--mae.mask_ratio {o.mask_ratio} masks round({o.mask_ratio} x {n}) = {round(o.mask_ratio * n)} "
-                             f"of {n} patches: at least one must be masked and one visible.")  # fmt: skip
+        if not 0 < visible_patches(n, o.mask_ratio) < n:
+            raise UsageError(f"--mae.mask_ratio {o.mask_ratio} keeps int({n} x (1 - {o.mask_ratio})) = {visible_patches(n, o.mask_ratio)} "
+                             f"of {n} patches visible: at least one must be masked and one visible.")  # fmt: skip
         if dim % 4:
             raise UsageError(f"mae: the encoder width {dim} is not a multiple of 4, which its 2-D sine-cosine positions need.")
         # Fixed 2-D sine-cosine positions in the encoder (frozen while pretraining, as the official code does) ...
@@ -107,9 +118,9 @@ class MAE(PixelReconstruction):
         self.decoder_embed = nn.Linear(dim, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         self.decoder_blocks = nn.Sequential(
-            *[Block(width, o.decoder_num_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=nn.LayerNorm) for _ in range(o.decoder_depth)]
+            *[Block(width, o.decoder_num_heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=DecoderNorm) for _ in range(o.decoder_depth)]
         )
-        self.decoder_norm = nn.LayerNorm(width)
+        self.decoder_norm = DecoderNorm(width)
         self.decoder_pred = nn.Linear(width, self.tokens.patch**2 * 3)
         # The official initialisation of what MAE adds: xavier-uniform linear layers, normal(0.02) mask token.
         nn.init.normal_(self.mask_token, std=0.02)

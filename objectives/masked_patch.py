@@ -9,7 +9,6 @@ patch (``target``), and a 15% corruption rate, which was slightly worse (``mask_
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -21,8 +20,8 @@ from einops import rearrange, reduce, repeat
 from torch import nn
 
 from ssvit.objectives import register
-from ssvit.objectives.base import Objective, PatchTokens, StepOutput, check_ranges, mlp_tanh_head
-from ssvit.errors import UsageError
+from ssvit.objectives.base import Objective, PatchTokens, StepOutput, mlp_tanh_head, token_geometry
+from ssvit.errors import UsageError, check_ranges
 
 
 def quantize(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -152,21 +151,20 @@ class MaskedPatch(Objective):
     @classmethod
     def check_options(cls, cfg, options: Options) -> None:
         o = options
-        if not 0 < o.mask_ratio <= 1:
-            raise UsageError(f"--masked_patch.mask_ratio {o.mask_ratio}: the share of patches corrupted must be in (0, 1] (paper: 0.5).")
-        if o.mask_token_prob < 0 or o.random_patch_prob < 0 or o.mask_token_prob + o.random_patch_prob > 1:
-            raise UsageError("--masked_patch.mask_token_prob and random_patch_prob must be >= 0 and sum to at most 1 (paper: 0.8, 0.1).")
-        check_ranges("masked_patch", [
+        geometry = token_geometry(cfg)  # None for BiT: PatchTokens refuses it when the objective is built
+        n = geometry[1][0] * geometry[1][1] if geometry else None
+        check_ranges([
+            ("mask_ratio", o.mask_ratio, 0 < o.mask_ratio <= 1, "in (0, 1], the share of patches corrupted (paper: 0.5)"),
+            ("mask_ratio", o.mask_ratio, not 0 < o.mask_ratio <= 1 or n is None or round(o.mask_ratio * n) >= 1,
+             f"high enough to corrupt a patch: round({o.mask_ratio} x {n}) = 0 of the {n} patches of an image at --img_size "
+             f"{cfg.img_size} with {geometry and geometry[0]}-px patches"),
+            ("mask_token_prob", o.mask_token_prob, o.mask_token_prob >= 0, "0 or more (paper: 0.8)"),
+            ("random_patch_prob", o.random_patch_prob, o.random_patch_prob >= 0 and o.mask_token_prob + o.random_patch_prob <= 1,
+             f"0 or more, and at most 1 with --masked_patch.mask_token_prob {o.mask_token_prob} (paper: 0.1 and 0.8)"),
             ("bits", o.bits, 1 <= o.bits <= 8, "1 to 8 bits per channel (paper: 3, i.e. 512 colour classes)"),
             ("grid", o.grid, o.grid >= 1, "1 or more cells per side (paper: 4)"),
             ("mosaic_images", o.mosaic_images, o.mosaic_images >= 0, "0 (no figure) or more images"),
-        ])  # fmt: skip
-        # Patches per image, when the name or model_kwargs say the patch size (timm names: ..._patch16_..., hybrids _s16_).
-        found = re.search(r"patch(\d+)|_s(\d+)_", cfg.model)
-        patch = (cfg.model_kwargs or {}).get("patch_size") or (found and int(found.group(1) or found.group(2)))
-        if patch and not cfg.model.split("_")[1:2] == ["r"] and round(o.mask_ratio * (cfg.img_size // patch) ** 2) < 1:
-            raise UsageError(f"--masked_patch.mask_ratio {o.mask_ratio} corrupts round({o.mask_ratio} x {(cfg.img_size // patch) ** 2}) = 0 "
-                             f"patches per image at --img_size {cfg.img_size} with {patch}px patches: raise it.")  # fmt: skip
+        ], "--masked_patch.")  # fmt: skip
 
     representation = "mean"  # the loss is on patch tokens only: the class token gets no training signal
     classifier_pooling = {"global_pool": "avg", "fc_norm": False}
@@ -177,11 +175,7 @@ class MaskedPatch(Objective):
     def __init__(self, backbone: nn.Module, num_classes: int, options: Options):
         super().__init__(backbone, num_classes, options)
         self.tokens = PatchTokens(backbone, "masked_patch")
-        o = options
-        if not (0 < o.mask_ratio <= 1 and o.mask_token_prob >= 0 and o.random_patch_prob >= 0):
-            raise UsageError(f"masked_patch: need 0 < mask_ratio <= 1 and non-negative probabilities, got {o}")
-        if o.mask_token_prob + o.random_patch_prob > 1:
-            raise UsageError("masked_patch: mask_token_prob + random_patch_prob must be at most 1")
+        o = options  # checked at start-up (check_options)
         dim = backbone.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)

@@ -6,6 +6,11 @@ Masks are drawn in square blocks of mask_patch_size pixels (32 px at 192-224 px 
 mask token replaces the masked patch embeddings in the encoder, which sees every position (section 3.2). One linear
 layer predicts each patch's raw pixels from its output token (the official 1x1 convolution and pixel shuffle,
 section 3.3), and the loss is the L1 distance on the masked pixels only (section 3.4), on the normalised image.
+
+One difference, a choice: the backbone is a plain timm ViT with its learned absolute position embeddings, which
+SimMIM adds before the encoder; the official ViT configuration has none and a relative position bias in every block
+instead (models/vision_transformer.py, use_rel_pos_bias), which a plain timm VisionTransformer does not have, so the
+backbone would no longer export and fine-tune as one.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ from einops import rearrange, repeat
 from torch import nn
 
 from ssvit.objectives import register
-from ssvit.objectives.base import PatchTokens, PixelReconstruction, StepOutput, check_ranges, patchify, save_reconstructions
-from ssvit.errors import UsageError
+from ssvit.objectives.base import PatchTokens, PixelReconstruction, StepOutput, patchify, save_reconstructions
+from ssvit.errors import UsageError, check_ranges
 
 
 def block_mask(batch: int, grid: tuple[int, int], block: int, ratio: float, device) -> torch.Tensor:
@@ -55,11 +60,11 @@ class SimMIM(PixelReconstruction):
     @classmethod
     def check_options(cls, cfg, options: Options) -> None:
         o = options
-        check_ranges("simmim", [
+        check_ranges([
             ("mask_ratio", o.mask_ratio, 0 < o.mask_ratio < 1, "in (0, 1) (paper: 0.6)"),
             ("mask_patch_size", o.mask_patch_size, o.mask_patch_size is None or o.mask_patch_size >= 1, "1 or more pixels, or null"),
             ("mosaic_images", o.mosaic_images, o.mosaic_images >= 0, "0 (no figure) or more images"),
-        ])  # fmt: skip
+        ], "--simmim.")  # fmt: skip
 
     def __init__(self, backbone: nn.Module, num_classes: int, options: Options):
         super().__init__(backbone, num_classes, options)

@@ -14,7 +14,7 @@ from torch import nn
 
 from ssvit.objectives import register
 from ssvit.objectives.base import Objective, StepOutput, mlp_tanh_head
-from ssvit.errors import UsageError
+from ssvit.errors import check_ranges
 
 
 @register("supervised")
@@ -33,8 +33,8 @@ class Supervised(Objective):
 
     @classmethod
     def check_options(cls, cfg, options: Options) -> None:
-        if not 0 <= options.label_smoothing < 1:
-            raise UsageError(f"--supervised.label_smoothing {options.label_smoothing}: must be in [0, 1) (e.g. 0.1).")
+        check_ranges([("label_smoothing", options.label_smoothing, 0 <= options.label_smoothing < 1, "in [0, 1) (e.g. 0.1)")],
+                     f"--{cls.name}.")
 
     def __init__(self, backbone: nn.Module, num_classes: int, options: Options):
         super().__init__(backbone, num_classes, options)

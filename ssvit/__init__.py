@@ -1,3 +1,3 @@
-"""ssvit: self-supervised pretraining of Vision Transformers with masked patch prediction (ViT paper, App. B.1.2)."""
+"""ssvit: self-supervised pretraining of Vision Transformers (masked patch prediction, MAE, SimMIM, DINO) beside supervised and semi-supervised training, compared at equal compute."""
 
 __version__ = "0.2.0"

@@ -338,54 +338,62 @@ def run(args) -> dict:
 
 
 def end_to_end(args) -> dict:
-    """Images/s of a real ssvit/pretrain.py run (its train(), with data loading, the loop, the scheduler, logging: all of it) against
-    the bare train_step on the same model, batch and precision, in one process, one after the other. The
-    difference is what the loop and the input pipeline cost. Windows of --logging_steps steps; the first window
-    (warm-up) is left out of both."""
+    """For each objective of --objective: images/s of a real ssvit/pretrain.py run (its train(), with data loading, the
+    loop, the scheduler, logging: all of it) against the bare train_step on the same model, batch and precision, in one
+    process, one after the other. The difference is what the loop and the input pipeline cost. Windows of
+    --logging_steps steps; the first window (warm-up) is left out of both."""
+    device = torch.device(args.device)
+    from ssvit.train import cpu_has_bf16
+
+    precision = "bf16" if "bf16" in args.precision and (device.type == "cuda" or cpu_has_bf16()) else "fp32"
+    rows = {name: end_to_end_row(args, device, precision, name) for name in args.objective}
+    return {
+        "objectives": rows, "precision": precision, "data": args.end_to_end, "model": args.model,
+        "model_kwargs": args.model_kwargs, "img_size": args.img_size, "batch_size": args.batch_size,
+        "steps_per_window": args.logging_steps, "device": args.device, "cpu": _cpu_name(),
+        "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+    }  # fmt: skip
+
+
+def end_to_end_row(args, device, precision: str, objective: str) -> dict:
     import tempfile
 
     from accelerate.state import AcceleratorState
 
     from ssvit.config import parse
-    from ssvit.train import cpu_has_bf16, train
+    from ssvit.train import train
 
-    device = torch.device(args.device)
-    precision = "bf16" if "bf16" in args.precision and (device.type == "cuda" or cpu_has_bf16()) else "fp32"
     torch.manual_seed(0)
     images = torch.rand(args.batch_size, 3, args.img_size, args.img_size, device=device)
     labels = torch.randint(0, 10, (args.batch_size,), device=device)
     fused_optimizer = args.fused_optimizer if args.fused_optimizer is not None else device.type == "cuda"
-    step, _, _ = ssvit_candidate(args, device, precision, images, labels, fused_optimizer)
+    step, _, _ = ssvit_candidate(args, device, precision, images, labels, fused_optimizer, objective)
     seconds, _ = time_steps(step, device, windows=args.windows, steps_per_window=args.logging_steps)
     bare = args.batch_size / seconds
     AcceleratorState._reset_state(reset_partial_state=True)  # as above: no public reset exists
     with tempfile.TemporaryDirectory() as tmp:
         steps = args.logging_steps * (args.windows + 1)
-        train(parse(["--objective", args.objective[0], "--model", args.model, "--model_kwargs", json.dumps(args.model_kwargs),
-                  "--img_size", str(args.img_size), "--batch_size", str(args.batch_size), "--data", args.end_to_end,
-                  "--max_steps", str(steps), "--warmup_steps", str(steps // 10), "--logging_steps", str(args.logging_steps),
-                  "--eval_steps", str(10**9), "--fewshot_steps", "0", "--save_steps", str(10**9), "--report_to", "[]",
-                  "--mixed_precision", "bf16" if precision == "bf16" else "no", "--output_dir", f"{tmp}/run"]))  # fmt: skip
+        train(parse(["--objective", objective, "--model", args.model, "--model_kwargs", json.dumps(args.model_kwargs),
+                     "--img_size", str(args.img_size), "--batch_size", str(args.batch_size), "--data", args.end_to_end,
+                     "--max_steps", str(steps), "--warmup_steps", str(steps // 10), "--logging_steps", str(args.logging_steps),
+                     "--eval_steps", str(10**9), "--fewshot_steps", "0", "--save_steps", str(10**9), "--report_to", "[]",
+                     "--mixed_precision", "bf16" if precision == "bf16" else "no", "--output_dir", f"{tmp}/run"]))  # fmt: skip
         windows = [json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
         rates = [w["train/images_per_s"] for w in windows if "train/images_per_s" in w][1:]
         wait = [w["train/data_wait_fraction"] for w in windows if "train/data_wait_fraction" in w][1:]
     real = statistics.median(rates)
-    return {
-        "bare_step_images_per_s": bare, "pretrain_run_images_per_s": real, "overhead": 1 - real / bare,
-        "data_wait_fraction": statistics.median(wait), "precision": precision, "data": args.end_to_end,
-        "model": args.model, "model_kwargs": args.model_kwargs, "img_size": args.img_size, "batch_size": args.batch_size,
-        "windows": len(rates), "steps_per_window": args.logging_steps, "device": args.device, "cpu": _cpu_name(),
-        "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
-    }  # fmt: skip
+    return {"bare_step_images_per_s": bare, "pretrain_run_images_per_s": real, "overhead": 1 - real / bare,
+            "data_wait_fraction": statistics.median(wait), "windows": len(rates)}  # fmt: skip
 
 
 def format_end_to_end(r: dict) -> str:
-    return (f"{r['device']} ({r['cpu']}, {r['threads']} threads), {r['model']} {r['model_kwargs']} at {r['img_size']} px, "
-            f"batch {r['batch_size']}, {r['precision']}, data {r['data']}, median of {r['windows']} windows of "
-            f"{r['steps_per_window']} steps, {r['date']}\n"
-            f"bare train_step: {r['bare_step_images_per_s']:.1f} images/s; ssvit/pretrain.py run: "
-            f"{r['pretrain_run_images_per_s']:.1f} images/s; overhead {r['overhead']:.1%} "
-            f"(waiting for data: {r['data_wait_fraction']:.1%} of the run's time)")  # fmt: skip
+    lines = [f"{r['device']} ({r['cpu']}, {r['threads']} threads), {r['model']} {r['model_kwargs']} at {r['img_size']} px, "
+             f"batch {r['batch_size']}, {r['precision']}, data {r['data']}, median of windows of {r['steps_per_window']} "
+             f"steps, {r['date']}", "",
+             "| objective | bare train_step images/s | ssvit/pretrain.py images/s | overhead | waiting for data |", "|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {name} | {o['bare_step_images_per_s']:.1f} | {o['pretrain_run_images_per_s']:.1f} | {o['overhead']:.1%} | "
+              f"{o['data_wait_fraction']:.1%} |" for name, o in r["objectives"].items()]  # fmt: skip
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from ssvit import objectives
 from ssvit.cli import make_parser, normalize, parse_args, preset_dir
 from ssvit.data import DataSource
 from ssvit.models import init_architecture, pooling_for, read_state_dict, saved_config
-from ssvit.errors import UsageError
+from ssvit.errors import UsageError, range_problems
 
 DEFAULT_MODEL_KWARGS = {"vit_tiny_patch16_224": {"patch_size": 4, "depth": 6}}
 """model_kwargs of the default model when none are given: the quick start's ViT-Ti/4 with 6 blocks at 32 px."""
@@ -260,40 +260,39 @@ def pooling_for_init(init: Optional[str], objective: str, model_kwargs: dict) ->
 
 
 def _ranges(cfg: TrainConfig) -> list[tuple[str, object, bool, str]]:
-    """(flag, value, within range, the range in words) for every numeric option of TrainConfig."""
+    """(option, value, within range, the range in words) for every numeric option of TrainConfig."""
     unit = lambda v, closed_hi=False: v is None or 0 < v < 1 or (closed_hi and v == 1)  # noqa: E731
     lo, hi = cfg.crop_scale
     return [
-        *[(f"--{name}", getattr(cfg, name), getattr(cfg, name) >= 1, "a positive whole number") for name in
+        *[(name, getattr(cfg, name), getattr(cfg, name) >= 1, "a positive whole number") for name in
           ("max_steps", "batch_size", "gradient_accumulation_steps", "logging_steps", "eval_steps", "save_steps",
            "save_total_limit", "img_size")],  # fmt: skip
-        *[(f"--{name}", getattr(cfg, name), getattr(cfg, name) is None or getattr(cfg, name) >= 1, "a positive whole number, or null")
+        *[(name, getattr(cfg, name), getattr(cfg, name) is None or getattr(cfg, name) >= 1, "a positive whole number, or null")
           for name in ("samples_per_class", "eval_batches", "cpu_threads", "lr_base_batch_size")],  # fmt: skip
-        ("--shuffle_buffer", cfg.shuffle_buffer, cfg.shuffle_buffer >= 1, "1 or more (images)"),
-        ("--dataloader_num_workers", cfg.dataloader_num_workers, cfg.dataloader_num_workers is None or cfg.dataloader_num_workers >= 0,
+        ("shuffle_buffer", cfg.shuffle_buffer, cfg.shuffle_buffer >= 1, "1 or more (images)"),
+        ("dataloader_num_workers", cfg.dataloader_num_workers, cfg.dataloader_num_workers is None or cfg.dataloader_num_workers >= 0,
          "0 (load in the training process) or more"),
-        ("--fewshot_steps", cfg.fewshot_steps, cfg.fewshot_steps is None or cfg.fewshot_steps >= 0, "0 (never), a number of steps, or null (at the end only)"),
-        ("--lr", cfg.lr, cfg.lr > 0, "the peak learning rate must be positive"),
-        ("--warmup_steps", cfg.warmup_steps, cfg.warmup_steps >= 0, "0 or more"),
-        ("--weight_decay", cfg.weight_decay, cfg.weight_decay >= 0, "0 or more"),
-        ("--max_grad_norm", cfg.max_grad_norm, cfg.max_grad_norm is None or cfg.max_grad_norm > 0, "above 0, or null to disable clipping"),
-        ("--val_fraction", cfg.val_fraction, unit(cfg.val_fraction), "must be a fraction between 0 and 1"),
-        ("--test_fraction", cfg.test_fraction, unit(cfg.test_fraction), "must be a fraction between 0 and 1"),
-        ("--label_fraction", cfg.label_fraction, unit(cfg.label_fraction, closed_hi=True), "must be a fraction between 0 and 1"),
-        ("--crop_scale", list(cfg.crop_scale), 0 < lo <= hi <= 1, "[min, max] with 0 < min <= max <= 1 (shares of the image area)"),
-        ("--ema_decay", cfg.ema_decay, unit(cfg.ema_decay), "between 0 and 1 (e.g. 0.9999), or null for none"),
-        ("--layer_decay", cfg.layer_decay, unit(cfg.layer_decay, closed_hi=True), "in (0, 1] (e.g. 0.75), or null for none"),
-        ("--momentum", cfg.momentum, 0 <= cfg.momentum < 1, "in [0, 1)"),
-        ("--drop_path_rate", cfg.drop_path_rate, cfg.drop_path_rate is None or 0 <= cfg.drop_path_rate < 1, "in [0, 1), or null"),
-        ("--adam_beta1", cfg.adam_beta1, 0 <= cfg.adam_beta1 < 1, "in [0, 1)"),
-        ("--adam_beta2", cfg.adam_beta2, 0 <= cfg.adam_beta2 < 1, "in [0, 1)"),
+        ("fewshot_steps", cfg.fewshot_steps, cfg.fewshot_steps is None or cfg.fewshot_steps >= 0, "0 (never), a number of steps, or null (at the end only)"),
+        ("lr", cfg.lr, cfg.lr > 0, "positive (the peak learning rate)"),
+        ("warmup_steps", cfg.warmup_steps, cfg.warmup_steps >= 0, "0 or more"),
+        ("weight_decay", cfg.weight_decay, cfg.weight_decay >= 0, "0 or more"),
+        ("max_grad_norm", cfg.max_grad_norm, cfg.max_grad_norm is None or cfg.max_grad_norm > 0, "above 0, or null to disable clipping"),
+        ("val_fraction", cfg.val_fraction, unit(cfg.val_fraction), "a fraction between 0 and 1"),
+        ("test_fraction", cfg.test_fraction, unit(cfg.test_fraction), "a fraction between 0 and 1"),
+        ("label_fraction", cfg.label_fraction, unit(cfg.label_fraction, closed_hi=True), "a fraction between 0 and 1"),
+        ("crop_scale", list(cfg.crop_scale), 0 < lo <= hi <= 1, "[min, max] with 0 < min <= max <= 1 (shares of the image area)"),
+        ("ema_decay", cfg.ema_decay, unit(cfg.ema_decay), "between 0 and 1 (e.g. 0.9999), or null for none"),
+        ("layer_decay", cfg.layer_decay, unit(cfg.layer_decay, closed_hi=True), "in (0, 1] (e.g. 0.75), or null for none"),
+        ("momentum", cfg.momentum, 0 <= cfg.momentum < 1, "in [0, 1)"),
+        ("drop_path_rate", cfg.drop_path_rate, cfg.drop_path_rate is None or 0 <= cfg.drop_path_rate < 1, "in [0, 1), or null"),
+        ("adam_beta1", cfg.adam_beta1, 0 <= cfg.adam_beta1 < 1, "in [0, 1)"),
+        ("adam_beta2", cfg.adam_beta2, 0 <= cfg.adam_beta2 < 1, "in [0, 1)"),
     ]
 
 
 def check(cfg: TrainConfig) -> None:
     """Refuse a bad configuration at start-up, before any data is read or model built, naming every problem."""
-    problems = [f"{flag} {value}: {rule}." if rule.startswith("must") or rule.startswith("the") else f"{flag} {value}: must be {rule}."
-                for flag, value, ok, rule in _ranges(cfg) if not ok]  # fmt: skip
+    problems = range_problems(_ranges(cfg))
     try:
         DataSource.parse(cfg.data)
     except UsageError as e:

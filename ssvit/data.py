@@ -455,6 +455,8 @@ class Augmentation:
     scale: tuple = (0.35, 1.0)
     ratio: tuple = (3 / 4, 4 / 3)
     hflip: bool = True
+    interpolation: str = "bilinear"
+    """Of the resize, as torchvision names it (bilinear, bicubic), antialiased."""
 
     def draw(self, height: int, width: int, rng: Optional[random.Random] = None) -> tuple[int, int, int, int, bool]:
         """(top, left, height, width, flip) of the crop, by torchvision's RandomResizedCrop.get_params and
@@ -485,7 +487,7 @@ class Augmentation:
 
     def __call__(self, image: torch.Tensor, rng: Optional[random.Random] = None) -> torch.Tensor:
         i, j, h, w, flip = self.draw(*image.shape[-2:], rng)
-        out = v2.functional.resized_crop(image, i, j, h, w, [self.size, self.size], antialias=True)
+        out = v2.functional.resized_crop(image, i, j, h, w, [self.size, self.size], v2.InterpolationMode(self.interpolation), antialias=True)
         return out.flip(-1) if flip else out
 
 
@@ -563,6 +565,7 @@ class View:
     scale: tuple
     photometric: Optional[Photometric | RandAugment] = None
     hflip: bool = True
+    interpolation: str = "bilinear"
 
 
 @dataclass(frozen=True)
@@ -577,7 +580,7 @@ class Views:
         rng = rng or random.Random(int(torch.randint(0, 2**62, (1,))))
         out = []
         for view in self.views:
-            crop = Augmentation(view.size, tuple(view.scale), hflip=view.hflip)(image, rng)
+            crop = Augmentation(view.size, tuple(view.scale), hflip=view.hflip, interpolation=view.interpolation)(image, rng)
             out.append(view.photometric(crop, rng) if view.photometric else crop)
         return out
 

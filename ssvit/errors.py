@@ -71,6 +71,19 @@ def user_errors(prog: str, cli: bool):
         raise SystemExit(130) from None
 
 
+def range_problems(rows: list[tuple[str, object, bool, str]], prefix: str = "--") -> list[str]:
+    """One line per option out of its range: rows of (option, value, within range, the range in words), each read as
+    '<prefix><option> <value>: must be <range>.'"""
+    return [f"{prefix}{name} {value}: must be {rule}." for name, value, ok, rule in rows if not ok]
+
+
+def check_ranges(rows: list[tuple[str, object, bool, str]], prefix: str = "--") -> None:
+    """Refuse every option out of its range at once (range_problems), the one range check of ssvit: TrainConfig's
+    options (prefix --) and each objective's (prefix --<objective>.)."""
+    if problems := range_problems(rows, prefix):
+        raise UsageError("\n".join(problems))
+
+
 def command(prog: str):
     """`main = command("ssvit-x")(run_command)`: the command's entry point, with user_errors around it. `main()` is the
     command line (sys.argv, one-line errors, returns None: a console script exits with what main returns);

@@ -2,8 +2,8 @@
 
     val       the objective's validation metrics (and the EMA weights', when kept), every --eval_steps and at
               the end, plus the objective's figure (e.g. the masked-patch mosaic)
-    fewshot   1/5/10/25-shot linear accuracy of the frozen backbone (paper section 4.1) every --fewshot_steps
-              (None: at the end only; 0: never)
+    fewshot   1/5/10/25-shot linear accuracy of the frozen backbone (paper section 4.1) every --fewshot_steps,
+              whatever --eval_steps is (None: at the end only; 0: never)
 
 An evaluator takes the loop's state and the step and returns {"val/<metric>": value}.
 """
@@ -102,5 +102,5 @@ def _due(every, step: int, last: int) -> bool:
 EVALUATORS: dict[str, tuple[Callable, Callable]] = {
     # name: (evaluator, is it due at (cfg, step)?)
     "val": (validate, lambda cfg, step: _due(cfg.eval_steps, step, cfg.max_steps)),
-    "fewshot": (fewshot, lambda cfg, step: _due(cfg.eval_steps, step, cfg.max_steps) and _due(cfg.fewshot_steps, step, cfg.max_steps)),
+    "fewshot": (fewshot, lambda cfg, step: _due(cfg.fewshot_steps, step, cfg.max_steps)),  # its own schedule
 }

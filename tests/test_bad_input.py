@@ -247,9 +247,9 @@ NOWHERE = ["--data", "parquet:/nonexistent/data.parquet"]  # loading it would fa
         (["--batch_size", "0"], "--batch_size 0: must be a positive"),
         (["--save_steps", "0"], "--save_steps 0: must be a positive"),
         (["--logging_steps", "0"], "--logging_steps 0: must be a positive"),
-        (["--lr", "-1"], "--lr -1.0: the peak learning rate must be positive"),
-        (["--masked_patch.mask_ratio", "0.001"], r"corrupts round\(0.001 x 16\) = 0 patches"),
-        (["--masked_patch.mask_ratio", "1.5"], r"mask_ratio 1.5: the share of patches corrupted must be in \(0, 1\]"),
+        (["--lr", "-1"], r"--lr -1.0: must be positive \(the peak learning rate\)"),
+        (["--masked_patch.mask_ratio", "0.001"], r"must be high enough to corrupt a patch: round\(0.001 x 16\) = 0 of the 16 patches"),
+        (["--masked_patch.mask_ratio", "1.5"], r"mask_ratio 1.5: must be in \(0, 1\], the share of patches corrupted"),
         (["--init", "/nonexistent/ckpt"], "--init /nonexistent/ckpt: no such file or folder"),
         (["--val_fraction", "1.5"], "--val_fraction 1.5: must be a fraction"),
         (["--resume", "/nonexistent/step_000100"], "--resume /nonexistent/step_000100: no such checkpoint folder"),
@@ -291,7 +291,7 @@ def test_the_command_prints_one_line_not_a_traceback(tmp_path):
     proc = subprocess.run([PYTHON, "-m", "ssvit.pretrain", "--lr", "-1"], cwd=tmp_path, env=subprocess_env(),
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == "ssvit-pretrain: error: --lr -1.0: the peak learning rate must be positive."
+    assert proc.stderr.strip() == "ssvit-pretrain: error: --lr -1.0: must be positive (the peak learning rate)."
 
 
 @pytest.mark.parametrize("engine", ["FSDP", "DEEPSPEED"])
@@ -315,3 +315,18 @@ def test_an_image_folder_without_images_is_one_line_at_start_up(tmp_path, conten
     with pytest.raises(UsageError, match=f"--data imagefolder:{folder}: no image files in it"):
         main(tiny_args(tmp_path, "--data", f"imagefolder:{folder}"))
     assert not (tmp_path / "run").exists()
+
+
+def test_every_option_out_of_range_is_named_at_once_by_the_one_range_check(tmp_path):
+    """TrainConfig's options and an objective's go through the same check (ssvit.errors.check_ranges): every problem
+    of a kind is named in one go, a line each, in one phrasing."""
+    with pytest.raises(UsageError) as e:
+        main(tiny_args(tmp_path, "--masked_patch.bits", "0", "--masked_patch.grid", "0", "--masked_patch.random_patch_prob", "0.5"))
+    assert str(e.value).splitlines() == [
+        "--masked_patch.random_patch_prob 0.5: must be 0 or more, and at most 1 with --masked_patch.mask_token_prob 0.8 (paper: 0.1 and 0.8).",
+        "--masked_patch.bits 0: must be 1 to 8 bits per channel (paper: 3, i.e. 512 colour classes).",
+        "--masked_patch.grid 0: must be 1 or more cells per side (paper: 4).",
+    ]
+    with pytest.raises(UsageError) as e:
+        main(tiny_args(tmp_path, "--batch_size", "0", "--momentum", "1.5"))
+    assert str(e.value).splitlines() == ["--batch_size 0: must be a positive whole number.", "--momentum 1.5: must be in [0, 1)."]

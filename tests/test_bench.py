@@ -42,14 +42,17 @@ def test_pipeline_benchmark_reports_every_row_and_the_ratios(tmp_path):
                                      "ssvit_shards_vs_pillow_decode_only_shards", "ssvit_streaming_vs_ssvit_shards"}  # fmt: skip
 
 
-def test_end_to_end_compares_a_real_pretraining_run_with_the_bare_step(tmp_path):
+def test_end_to_end_compares_a_real_pretraining_run_with_the_bare_step_for_every_objective(tmp_path):
     report = main(["--model_kwargs", "{patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}", "--img_size", "16",
                    "--batch_size", "16", "--windows", "2", "--logging_steps", "3", "--precision", "fp32",
+                   "--objective", "masked_patch", "fixmatch",
                    "--end_to_end", "synthetic:400", "--out", str(tmp_path / "e2e.json")])  # fmt: skip
     assert json.loads((tmp_path / "e2e.json").read_text()) == report
-    assert report["bare_step_images_per_s"] > 0 and report["pretrain_run_images_per_s"] > 0 and report["windows"] == 2
-    assert report["overhead"] == 1 - report["pretrain_run_images_per_s"] / report["bare_step_images_per_s"]
-    assert 0 <= report["data_wait_fraction"] < 1
+    assert set(report["objectives"]) == {"masked_patch", "fixmatch"}
+    for row in report["objectives"].values():
+        assert row["bare_step_images_per_s"] > 0 and row["pretrain_run_images_per_s"] > 0 and row["windows"] == 2
+        assert row["overhead"] == 1 - row["pretrain_run_images_per_s"] / row["bare_step_images_per_s"]
+        assert 0 <= row["data_wait_fraction"] < 1
 
 
 def test_cost_counts_the_flops_of_the_imagenet_presets_and_labels_the_gpu_estimate(tmp_path, monkeypatch, capsys):

@@ -231,3 +231,12 @@ def test_a_study_counts_every_crop_and_gives_dino_fewer_images_for_the_same_flop
     rows = compare_main(["--config", str(tmp_path / "study.yaml")])
     images = {r["objective"]: r["pretrain_images"] for r in rows if r["kind"] == "budget" and r["objective"]}
     assert set(images) == {"masked_patch", "dino"} and 0 < images["dino"] < images["masked_patch"]
+
+
+def test_the_teacher_temperature_starts_where_the_official_schedule_does_and_crops_resize_bicubic():
+    """With a warm-up, at warmup_teacher_temp; without one, at teacher_temp from the first step (it started at the
+    warm-up value). Crops are resized bicubic, as the official RandomResizedCrop."""
+    assert float(model()[1].teacher_temp_now) == pytest.approx(0.04)
+    assert float(model("--dino.warmup_teacher_temp_epochs", "0")[1].teacher_temp_now) == pytest.approx(0.07)
+    run, objective = model()
+    assert {v.interpolation for v in type(objective).views(run.train, run.objective_options).views} == {"bicubic"}

@@ -13,8 +13,18 @@ LAUNCH = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_
           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
 
 
+def free_port() -> int:
+    """A port no one listens on now: launches from tests running side by side (pytest -n) must not share one."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(*args: str, timeout=600) -> None:
-    proc = subprocess.run([*LAUNCH, *args], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    command = [*LAUNCH, "--main_process_port", str(free_port()), *args]
+    proc = subprocess.run(command, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 

@@ -73,6 +73,9 @@ def test_mae_masks_exactly_three_quarters_and_the_encoder_sees_only_the_visible_
     ids = torch.arange(n).expand(7, n)
     unshuffled = torch.cat([ids.gather(1, keep), torch.full((7, round(0.75 * n)), -1)], dim=1).gather(1, restore)
     assert torch.equal(unshuffled, torch.where(mask == 0, ids, -1))
+    # The official rule, visible = int(n (1 - ratio)): at 0.6, 25 of 64 stay visible (round(0.6 n) masked would keep 26).
+    assert (random_masking(3, n, 0.6, "cpu")[2].sum(1) == 39).all()
+    assert model.decoder_norm.eps == model.decoder_blocks[0].norm1.eps == 1e-6  # the official decoder's LayerNorm
 
 
 def test_mae_loss_ignores_the_visible_patches_and_targets_are_normalised_per_patch():

@@ -104,7 +104,8 @@ def tiny_study_of(study: dict) -> dict:
     }
     tiny_study.pop("output_dir", None)
     if study.get("budgets"):  # compute on the x-axis: one budget of 32 images and one share, whole batches of 8
-        tiny_study["budgets"], tiny_study["pretrain_shares"] = [32], study["pretrain_shares"][:1]
+        # (256 with semi-supervised arms: they pay about 10x per labelled image and still need a whole batch)
+        tiny_study["budgets"], tiny_study["pretrain_shares"] = [256 if study.get("semi") else 32], study["pretrain_shares"][:1]
     return tiny_study
 
 
@@ -134,8 +135,10 @@ def run_study_preset(study: dict, tmp_path, name: str) -> None:
     rows = compare.main(["--config", str(config)])
     if study.get("budgets"):
         arms = {f"{o}{s:g}" for o in study.get("objectives", {"masked_patch": {}}) for s in tiny_study["pretrain_shares"]}
-        assert {r["arm"] for r in rows if r["kind"] == "budget"} == {"scratch", *arms}
-        assert {r["budget"] for r in rows if r["kind"] == "budget"} == {32} and (tmp_path / "study/accuracy_vs_compute.png").exists()
+        arms |= {"scratch", *({"semi", *(f"{a}+semi" for a in arms)} if study.get("semi") else ())}
+        assert {r["arm"] for r in rows if r["kind"] == "budget"} == arms
+        assert {r["budget"] for r in rows if r["kind"] == "budget"} == set(tiny_study["budgets"])
+        assert (tmp_path / "study/accuracy_vs_compute.png").exists()
         return
     if not study["label_fractions"]:  # frozen features only
         assert {r["arm"] for r in rows} == {"random weights", *study["arms"]} and {r["kind"] for r in rows} == {"frozen"}

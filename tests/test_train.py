@@ -34,6 +34,15 @@ def test_masked_patch_run_writes_everything_a_person_opens(tmp_path):
     assert losses(tmp_path / "again") == losses(run)
 
 
+def test_few_shot_evaluation_keeps_its_own_schedule(tmp_path):
+    """--fewshot_steps 2 evaluates few-shot at steps 2 and 4 whatever --eval_steps is (big_vision's per-evaluator
+    schedule); it needed a multiple of --eval_steps before."""
+    main(tiny_args(tmp_path, "--fewshot_steps", "2", "--eval_steps", "100"))
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if any(k.startswith("val/fewshot") for k in r)] == [2, 4]
+    assert [r["step"] for r in rows if "val/color_accuracy" in r] == [4]
+
+
 @pytest.mark.parametrize("target", ["downsampled", "pixels"])
 def test_targets_and_corruption_rate_from_configuration(tmp_path, target):
     result = main(tiny_args(tmp_path, "--max_steps", "2", "--masked_patch.target", target, "--masked_patch.mask_ratio", "0.15"))
