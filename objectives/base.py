@@ -211,6 +211,11 @@ class Objective(nn.Module):
         """Update the validation metrics from a step's (gathered) outputs."""
         raise NotImplementedError
 
+    def on_init(self, checkpoint: dict[str, torch.Tensor]) -> None:
+        """Optional: called once --init's weights are in the backbone, with the whole state dict they came from, e.g.
+        to start a momentum teacher from them (a copy made when the objective was built holds the random weights) or
+        to take a classifier's head."""
+
     def on_train_step(self, out: StepOutput) -> None:
         """Optional: statistics kept over training steps (the loop calls it after each forward of training, every
         micro-step of gradient accumulation)."""

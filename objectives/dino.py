@@ -187,6 +187,11 @@ class DINO(Objective):
         self.register_buffer("teacher_temp_now", torch.tensor(o.warmup_teacher_temp if o.warmup_teacher_temp_epochs else o.teacher_temp))
         self._sums, self._rows, self._low_or_high = None, 0, 0
 
+    @torch.no_grad()
+    def on_init(self, checkpoint: dict[str, torch.Tensor]) -> None:
+        """The teacher starts as the student, which --init has just loaded (section 3.1)."""
+        self.teacher_backbone.load_state_dict(self.backbone.state_dict())
+
     def train(self, mode: bool = True):
         super().train(mode)
         self.teacher_backbone.eval()  # no drop path nor dropout in the teacher, as the official one is built

@@ -13,7 +13,9 @@ confidence reaches the threshold, the strong view is trained on it (FixMatch eq.
 `--fixmatch.teacher model` takes q_weak from the model itself (FixMatch: one forward of labelled, weak and strong
 images together); `--fixmatch.teacher ema` from an exponential moving average of the model (Semi-ViT: more stable for
 ViTs), which moves once per optimizer step. Without an unlabeled batch (validation) it is the supervised objective.
-Fine-tuning from a pretrained backbone is `ssvit finetune --init CKPT --objective fixmatch` (Semi-ViT's third stage).
+Semi-ViT's pipeline is pretraining, `ssvit finetune --init PRETRAINED` (supervised), then
+`ssvit finetune --init FINETUNED --objective fixmatch`: from a classifier of the same classes the head is kept, and the
+EMA teacher starts from the loaded model (on_init).
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ class FixMatch(Supervised):
         """Operations of the strong view's RandAugment (FixMatch: 2, each at a random magnitude)."""
         cutout: float = 0.5
         """Largest Cutout square of the strong view, as a share of the image side (FixMatch: 0.5; 0: none)."""
+        init_head: bool = True
+        """With --init a classifier checkpoint of the same classes (ssvit finetune's): start from its head too (Semi-ViT
+        fine-tunes supervised first, then semi-supervised); any other checkpoint gives a new, zero head."""
 
     @classmethod
     def check_options(cls, cfg, options: Options) -> None:
@@ -79,6 +84,19 @@ class FixMatch(Supervised):
         if options.teacher == "ema":  # starts as the model and is never trained by gradients (Semi-ViT, section 3.1)
             self.teacher = nn.ModuleDict({"backbone": copy.deepcopy(backbone), "head": copy.deepcopy(self.head)})
             self.teacher.requires_grad_(False)
+
+    @torch.no_grad()
+    def on_init(self, checkpoint: dict[str, torch.Tensor]) -> None:
+        """From a classifier of the same classes (a supervised fine-tuning: Semi-ViT's order, section 3.1), the head
+        too, so that pseudo-labels start confident; from any other checkpoint the head stays new. The EMA teacher
+        starts as the model now is."""
+        head = {k.removeprefix("head."): v for k, v in checkpoint.items() if k.startswith("head.")}
+        own = self.head.state_dict()
+        if self.options.init_head and head.keys() == own.keys() and all(head[k].shape == own[k].shape for k in own):
+            self.head.load_state_dict(head)
+        if self.teacher is not None:
+            self.teacher["backbone"].load_state_dict(self.backbone.state_dict())
+            self.teacher["head"].load_state_dict(self.head.state_dict())
 
     def train(self, mode: bool = True):
         super().train(mode)

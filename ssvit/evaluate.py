@@ -45,10 +45,12 @@ def run_command(argv=None) -> dict:
                    help="with a momentum teacher (DINO): evaluate the student's backbone, not the teacher's (the default)")
     args = parse_args(p, argv)
 
-    if args.init.startswith("timm:"):  # a timm model: its pretrained weights, or --random_init
-        cfg = TrainConfig(objective="supervised", model=args.init[5:], model_kwargs={}, img_size=args.img_size or 224)
+    trained_by = None  # a timm model: no objective of ssvit's names its representation (auto reads its pre-logits)
+    if args.init.startswith("timm:"):  # its pretrained weights, or --random_init
+        cfg = TrainConfig(model=args.init[5:], model_kwargs={}, img_size=args.img_size or 224)
     else:
         cfg = saved_train_config(args.init)
+        trained_by = cfg.objective
     if args.data:
         cfg.data = args.data
     share_cores(cfg.cpu_threads)  # every core, also under accelerate launch (which sets OMP_NUM_THREADS=1)
@@ -57,7 +59,7 @@ def run_command(argv=None) -> dict:
     if not args.random_init:
         load_init(backbone, args.init, student=args.student)
     splits = load_splits(cfg)
-    rep = representation_for(cfg.objective, args.representation)
+    rep = representation_for(trained_by, args.representation)
     result = {"checkpoint": "random initialisation" if args.random_init else str(args.init), "data": splits.description}
     start = time.perf_counter()
     if args.bf16 and not cpu_has_bf16():

@@ -17,9 +17,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 
-def representation_for(objective: str, requested: str) -> str:
-    """auto: the representation the objective names (the mean patch token for objectives whose class token gets
-    no training signal, such as masked patch), the model's pre-logits (timm's pooled features) otherwise."""
+def representation_for(objective: Optional[str], requested: str) -> str:
+    """auto: the representation the objective that trained the weights names (the mean patch token for objectives
+    whose class token gets no training signal, such as masked patch), the model's pre-logits (timm's pooled features)
+    otherwise, and for weights no ssvit objective trained (objective None: timm's own)."""
     from ssvit import objectives
 
     if requested != "auto":

@@ -216,14 +216,16 @@ def init_architecture(init: str) -> dict:
     return {k: saved[k] for k in ("model", "model_kwargs", "img_size", "data") if k in saved}
 
 
-def load_init(backbone: nn.Module, init: str, student: bool = False) -> None:
+def load_init(backbone: nn.Module, init: str, student: bool = False) -> dict[str, torch.Tensor]:
     """Load --init into the backbone: timm:<name> (timm's pretrained weights, needs internet) or a path (an ssvit
-    checkpoint: the weights its objective releases, or with student=True its trained backbone)."""
+    checkpoint: the weights its objective releases, or with student=True its trained backbone). Returns the whole
+    state dict it read (Objective.on_init takes what else it wants of it, such as a classifier's head)."""
     if init.startswith("timm:"):
         source, prefix = timm.create_model(init[5:], pretrained=True, num_classes=0).state_dict(), "backbone."
     else:
         source, prefix = read_state_dict(init), released_prefix(init, student)
     load_backbone_weights(backbone, source, init, prefix)
+    return source
 
 
 def checkpoint_folder(path: str | Path) -> Path:

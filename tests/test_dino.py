@@ -240,3 +240,11 @@ def test_the_teacher_temperature_starts_where_the_official_schedule_does_and_cro
     assert float(model("--dino.warmup_teacher_temp_epochs", "0")[1].teacher_temp_now) == pytest.approx(0.07)
     run, objective = model()
     assert {v.interpolation for v in type(objective).views(run.train, run.objective_options).views} == {"bicubic"}
+
+
+def test_with_init_the_teacher_starts_from_the_loaded_backbone(tmp_path):
+    pre = main(tiny_args(tmp_path / "pre", "--max_steps", "2", "--fewshot_steps", "0"))["checkpoint"]
+    run, objective = model("--init", pre)
+    state = load_file(f"{pre}/model.safetensors")
+    torch.testing.assert_close(objective.backbone.blocks[0].attn.qkv.weight, state["backbone.blocks.0.attn.qkv.weight"])
+    torch.testing.assert_close(objective.teacher_backbone.blocks[0].attn.qkv.weight, objective.backbone.blocks[0].attn.qkv.weight)

@@ -156,3 +156,24 @@ def test_fine_tunes_from_a_checkpoint_and_logs_the_mask(tmp_path):
 def test_bad_options_are_one_line(tmp_path, flags, message):
     with pytest.raises(UsageError, match=message):
         main(fixmatch_args(tmp_path, *flags))
+
+
+def test_with_init_the_teacher_starts_from_the_loaded_weights_and_a_classifier_keeps_its_head(tmp_path):
+    """Semi-ViT's order (pretraining, supervised fine-tuning, then semi-supervised fine-tuning): from a fine-tuned
+    classifier of the same classes, the model and its EMA teacher start from its backbone and its head, so that the
+    pseudo-labels start confident; from a self-supervised checkpoint, the head is new (zero) and the teacher is the
+    loaded backbone, not the random one the objective was built with."""
+    pre = main(tiny_args(tmp_path / "pre", "--max_steps", "2", "--fewshot_steps", "0"))["checkpoint"]
+    tuned = finetune_main(["--init", pre, *tiny_args(tmp_path / "ft", "--max_steps", "2", "--fewshot_steps", "0", objective="supervised")])
+    for init, head in ((pre, False), (tuned["checkpoint"], True)):
+        run = parse(["--init", init, *fixmatch_args(tmp_path / "unused", "--fixmatch.teacher", "ema")])
+        objective = build_objective(run, 10)
+        state = load_file(f"{init}/model.safetensors")
+        torch.testing.assert_close(objective.backbone.blocks[0].attn.qkv.weight, state["backbone.blocks.0.attn.qkv.weight"])
+        torch.testing.assert_close(objective.teacher["backbone"].blocks[0].attn.qkv.weight, objective.backbone.blocks[0].attn.qkv.weight)
+        if head:
+            torch.testing.assert_close(objective.head.weight, state["head.weight"])
+            assert objective.head.weight.any()
+        else:
+            assert not objective.head.weight.any()  # zero-initialised: masked patch's head is no classifier
+        torch.testing.assert_close(objective.teacher["head"].weight, objective.head.weight)
