@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from ssvit.data import Photometric, View, Views
@@ -62,12 +63,14 @@ def cosine(start: float, end: float, step: int, total: int) -> float:
 def dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], centre: torch.Tensor, student_temp: float,
               teacher_temp: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Cross-entropy between the centred, sharpened teacher distribution of each global view and the student's
-    distribution of every other view (section 3.1, eq. 3; official DINOLoss), averaged over the pairs. Returns the
-    loss and the teacher's probabilities (one per global view)."""
-    targets = [F.softmax((t - centre) / teacher_temp, dim=-1) for t in teacher]
-    logs = [F.log_softmax(s / student_temp, dim=-1) for s in student]
-    terms = [torch.sum(-q * logs[v], dim=-1).mean() for iq, q in enumerate(targets) for v in range(len(logs)) if v != iq]
-    return sum(terms) / len(terms), torch.cat(targets)
+    distribution of every other view (section 3.1, eq. 3; official DINOLoss), averaged over the pairs: every (teacher
+    view, student view) pair in one einsum, the pairs of a view with itself masked out. Returns the loss and the
+    teacher's probabilities (one row per image of each global view)."""
+    targets = F.softmax((torch.stack(teacher) - centre) / teacher_temp, dim=-1)  # (G, B, K)
+    logs = F.log_softmax(torch.stack(student) / student_temp, dim=-1)  # (V, B, K): every view's outputs are (B, K)
+    cross = -torch.einsum("gbk,vbk->gv", targets, logs) / targets.shape[1]  # mean over images, per pair
+    other = ~torch.eye(*cross.shape, dtype=torch.bool, device=cross.device)  # view g is its own teacher's view
+    return cross[other].mean(), rearrange(targets, "g b k -> (g b) k")
 
 
 @register("dino")

@@ -130,25 +130,39 @@ class MAE(PixelReconstruction):
                 nn.init.zeros_(module.bias)
 
     def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> StepOutput:
-        o, t = self.options, self.tokens
+        """The official model's phases in order: embed and mask, encode the visible patches, decode every position,
+        the loss on the masked ones."""
         x = self.normalize(images)
-        patches = t.embed(x) + t.positions()
+        visible, restore, mask = self.random_masking(x)
+        pred = self.forward_decoder(self.tokens.encode(visible), restore)  # encoder: the class token and visible patches
+        target, loss = self.forward_loss(x, pred, mask)
+        return self.step_output(loss, pred, target, mask)
+
+    def random_masking(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The patch embeddings with their positions, only the visible ones kept (B, n_visible, D); the permutation
+        back to patch order; the mask (B, N), 1 for masked."""
+        patches = self.tokens.embed(x) + self.tokens.positions()
         b, n, dim = patches.shape
-        keep, restore, mask = random_masking(b, n, o.mask_ratio, images.device)
-        visible = patches.gather(1, keep[..., None].expand(-1, -1, dim))
-        encoded = t.encode(visible)  # the class token and the visible patches only
-        # Decoder: the encoded visible tokens and a mask token at every masked position, put back in patch order.
+        keep, restore, mask = random_masking(b, n, self.options.mask_ratio, x.device)
+        return patches.gather(1, keep[..., None].expand(-1, -1, dim)), restore, mask
+
+    def forward_decoder(self, encoded: torch.Tensor, restore: torch.Tensor) -> torch.Tensor:
+        """The encoded visible tokens and a mask token at every masked position, put back in patch order, through the
+        decoder: each patch's predicted pixels (B, N, p * p * 3)."""
+        t, n = self.tokens, restore.shape[1]
         y = self.decoder_embed(encoded)
         prefix, y = y[:, : t.num_prefix], y[:, t.num_prefix :]
-        y = torch.cat([y, self.mask_token.expand(b, n - y.shape[1], -1).to(y.dtype)], dim=1)
+        y = torch.cat([y, self.mask_token.expand(len(y), n - y.shape[1], -1).to(y.dtype)], dim=1)
         y = y.gather(1, restore[..., None].expand(-1, -1, y.shape[-1])) + self.decoder_pos_embed
         y = self.decoder_norm(self.decoder_blocks(torch.cat([prefix, y], dim=1)))
-        pred = self.decoder_pred(y[:, t.num_prefix :]).float()
-        target = patchify(x, t.patch)
-        if o.norm_pix_loss:
+        return self.decoder_pred(y[:, t.num_prefix :]).float()
+
+    def forward_loss(self, x: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The targets (each patch's pixels, normalised per patch with norm_pix_loss) and the MSE on the masked patches."""
+        target = patchify(x, self.tokens.patch)
+        if self.options.norm_pix_loss:
             target = normalized_targets(target)
-        loss = masked_mse(pred, target, mask)
-        return self.step_output(loss, pred, target, mask)
+        return target, masked_mse(pred, target, mask)
 
     @torch.no_grad()
     def on_evaluate(self, images: torch.Tensor, out_dir: Path, step: int) -> Optional[Path]:
