@@ -337,6 +337,19 @@ def budget_plan(study: Study) -> list[Cell]:
     return cells
 
 
+def check_semi(study: Study) -> None:
+    """`semi` is refused where it would be ignored (a fixed-budget study) or would not be semi-supervised."""
+    from ssvit import objectives
+
+    if not study.budgets:
+        raise UsageError("semi: semi-supervised arms are part of budget studies: add budgets (e.g. [16384]), or remove semi.")
+    name = study.semi.get("objective", "supervised")
+    source = objectives.get(name)
+    if not source.needs_labels or source.unlabeled.__func__ is objectives.Objective.unlabeled.__func__:  # no second stream
+        raise UsageError(f"semi: objective {name} does not fine-tune on labelled and unlabeled images; name one that does, "
+                         f"such as fixmatch.")  # fmt: skip
+
+
 def semi_argv(study: Study) -> list[str]:
     return [*flags(study.base), *flags({**study.finetune, **(study.semi or {})})]
 
@@ -628,6 +641,8 @@ def run_command(argv=None) -> list[dict]:
     p.add_class_arguments(Study)
     ns = parse_args(p, argv)
     study = Study(**{k: v for k, v in vars(ns).items() if k in Study.__dataclass_fields__})
+    if study.semi is not None:
+        check_semi(study)
     rows = run_budget_study(study) if study.budgets else run_study(study)
     print((Path(study.output_dir) / "results.md").read_text())
     return rows

@@ -258,3 +258,19 @@ def test_frozen_features_of_unlabeled_data_are_refused_in_one_line(tmp_path):
                                                             "img_size": 16, "data": f"imagefolder:{folder}"})  # fmt: skip
     with pytest.raises(UsageError, match="frozen features are scored against labels: .* has none. Set frozen: false"):
         random_init_row(study)
+
+
+def test_semi_supervised_flags_are_refused_where_they_would_be_ignored_or_meaningless(tmp_path):
+    """`semi` needs budgets (a fixed-budget study has no semi-supervised arm: it would be silently ignored) and an
+    objective that learns from labels and draws unlabeled images; both refused before any run."""
+    config = tmp_path / "study.yaml"
+    base = {"output_dir": str(tmp_path / "study"), "base": {"data": "synthetic:100"}, "pretrain": {"batch_size": 8},
+            "finetune": {"batch_size": 8}}  # fmt: skip
+    config.write_text(yaml.safe_dump({**base, "semi": {"objective": "fixmatch"}}))
+    with pytest.raises(UsageError, match="semi: semi-supervised arms are part of budget studies: add budgets"):
+        main(["--config", str(config)])
+    for name in ("mae", "supervised"):
+        config.write_text(yaml.safe_dump({**base, "budgets": [64], "pretrain_shares": [0.5], "semi": {"objective": name}}))
+        with pytest.raises(UsageError, match=f"semi: objective {name} does not fine-tune on labelled and unlabeled images"):
+            main(["--config", str(config)])
+    assert not (tmp_path / "study").exists()
