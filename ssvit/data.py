@@ -365,7 +365,7 @@ def held_out_splits(labels: Optional[np.ndarray], n: int, cfg, has: set) -> tupl
     if "validation" not in has:
         rest, val, note = hold_out(labels, cfg.val_fraction, cfg.split_seed, n=n)
         rows, held["validation"], how = rows[rest], rows[val], [note]
-    test_fraction = getattr(cfg, "test_fraction", None)
+    test_fraction = cfg.test_fraction
     if "test" not in has and test_fraction:
         sub = None if labels is None else labels[rows]
         rest, test, note = hold_out(sub, round(test_fraction * n), cfg.split_seed, "--test_fraction", n=len(rows))
@@ -379,7 +379,7 @@ def _synthetic_splits(cfg) -> Splits:
     n, size = int(DataSource.parse(cfg.data).location or 10_000), cfg.img_size
     images, labels = synthetic_images(n, size, seed=1234)
     n_val = n // 10
-    n_test = round((getattr(cfg, "test_fraction", None) or 0) * n)
+    n_test = round((cfg.test_fraction or 0) * n)
     part = lambda a, b: TensorImages(images[a:b], labels[a:b], size)  # noqa: E731
     test = part(n_val, n_val + n_test) if n_test else None
     desc = f"synthetic ({n - n_val - n_test:,} train / {n_val:,} val{f' / {n_test:,} test' if n_test else ''}, built in)"
@@ -429,15 +429,15 @@ def load_splits(cfg, is_main: bool = True, views: Optional["Views"] = None, unla
     splits = _synthetic_splits(cfg) if DataSource.parse(cfg.data).kind == "synthetic" else _hf_splits(cfg, is_main)
     train = splits.train
     if unlabeled_views is not None:  # its own seed: the two streams' crops are drawn independently
-        splits.unlabeled = train.augmented(unlabeled_views, getattr(cfg, "seed", 0) + 1)
+        splits.unlabeled = train.augmented(unlabeled_views, cfg.seed + 1)
     if cfg.label_fraction is not None or cfg.samples_per_class is not None:
         if not splits.num_classes:
             raise UsageError("--label_fraction / --samples_per_class draw a class-balanced subset: the data has no labels.")
         # The subset varies with the run's seed; the validation split (split_seed) never does.
-        train = train.subset(_stratified_subset(train.labels, getattr(cfg, "seed", 0), cfg.label_fraction, cfg.samples_per_class))
+        train = train.subset(_stratified_subset(train.labels, cfg.seed, cfg.label_fraction, cfg.samples_per_class))
         splits.description += f"; training on a class-balanced subset of {len(train):,}"
     augment = views or augmentation(cfg.img_size, cfg.crop_scale, cfg.hflip)
-    splits.train = train.augmented(augment, getattr(cfg, "seed", 0))
+    splits.train = train.augmented(augment, cfg.seed)
     return splits
 
 
@@ -484,6 +484,11 @@ class Augmentation:
                 w = int(round(h * max(self.ratio)))
             i, j = (height - h) // 2, (width - w) // 2
         return i, j, h, w, self.hflip and coin() < 0.5
+
+    def decode(self, data: bytes, rng: random.Random) -> torch.Tensor:
+        """The crop from encoded bytes: its box is drawn from the image's header, and only what it needs is decoded
+        (decode_crop), antialiased bilinear (the box's pixels are the full decode's: tested)."""
+        return decode_crop(data, lambda h, w: self.draw(h, w, rng), self.size)
 
     def __call__(self, image: torch.Tensor, rng: Optional[random.Random] = None) -> torch.Tensor:
         i, j, h, w, flip = self.draw(*image.shape[-2:], rng)
@@ -584,6 +589,10 @@ class Views:
             out.append(view.photometric(crop, rng) if view.photometric else crop)
         return out
 
+    def decode(self, data: bytes, rng: random.Random) -> list[torch.Tensor]:
+        """The crops from encoded bytes: several boxes of the whole image, which is decoded once."""
+        return self(pil_decode(data).permute(2, 0, 1), rng)
+
     def example(self, batch: int) -> list[torch.Tensor]:
         """Random float images in [0, 1] shaped as a batch of these views (FLOPs counting, benchmarks)."""
         return [torch.rand(batch, 3, v.size, v.size) for v in self.views]
@@ -636,6 +645,28 @@ def decode_crop(data: bytes, draw: Callable[[int, int], tuple], size: int) -> to
     return out.flip(-1) if flip else out
 
 
+def decode_item(data: bytes, augment: Optional[Augmentation | Views], rng: random.Random, size: int):
+    """An item from its encoded bytes, the one decode path of per-image and streamed data: the augmentation decodes
+    what it needs (Augmentation.decode, Views.decode); without one (evaluation), the image as stored, resized and
+    centre-cropped to `size`."""
+    if augment is not None:
+        return augment.decode(data, rng)
+    return as_stored(pil_decode(data).permute(2, 0, 1), size)
+
+
+def as_stored(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Evaluation's view of an image: its shorter side resized to `size`, the centre cropped (unchanged at that size)."""
+    if image.shape[-2:] == (size, size):
+        return image
+    return v2.functional.center_crop(v2.functional.resize(image, size, antialias=True), size)
+
+
+def unreadable(where: str, error: Exception) -> UsageError:
+    """The one line an image that cannot be decoded gets, from the training process or a loader worker."""
+    return UsageError(f"Could not decode the image at {where}: {error}. Remove or fix it (ssvit.prepare refuses "
+                      f"unreadable images and writes clean shards).")  # fmt: skip
+
+
 def pil_decode(data: bytes) -> torch.Tensor:
     """uint8 (H, W, 3) by PIL: any format, any mode."""
     import io
@@ -674,8 +705,8 @@ class ImageDataset(Dataset):
         image = self._image(index)
         if self.augment is not None:
             image = self.augment(image, item_rng(self.seed, epoch, index))
-        elif image.shape[-2:] != (self.size, self.size):
-            image = v2.functional.center_crop(v2.functional.resize(image, self.size, antialias=True), self.size)
+        else:
+            image = as_stored(image, self.size)
         return {"image": image, "label": self.labels[index]}
 
 
@@ -739,14 +770,11 @@ class HFImages(ImageDataset):
     def __getitem__(self, key) -> dict:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         try:
-            if not isinstance(self.augment, Augmentation) or not self.fast_decode:  # one view drawn before decoding
+            if not self.fast_decode:  # the whole image decoded, then cropped (the same boxes)
                 return super().__getitem__(key)
-            rng = item_rng(self.seed, epoch, index)
-            image = decode_crop(self.encoded(index), lambda h, w: self.augment.draw(h, w, rng), self.size)
+            image = decode_item(self.encoded(index), self.augment, item_rng(self.seed, epoch, index), self.size)
         except Exception as e:  # noqa: BLE001 - named, with the way out, even from a DataLoader worker
-            where = self._value(index)["path"].as_py() or f"row {int(self.rows[index])} of the data"
-            raise UsageError(f"Could not decode the image at {where}: {e}. Remove or fix it (ssvit.prepare refuses "
-                             f"unreadable images and writes clean shards).") from e  # fmt: skip
+            raise unreadable(self._value(index)["path"].as_py() or f"row {int(self.rows[index])} of the data", e) from e
         return {"image": image, "label": self.labels[index]}
 
     def _image(self, index: int) -> torch.Tensor:

@@ -27,7 +27,6 @@ from typing import Optional
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
-from torchvision.transforms import v2
 
 from ssvit.errors import UsageError
 
@@ -101,22 +100,15 @@ class Reader:
 
 
 def decode(reader: Reader, row: int, image: tuple, size: int, augment, seed: int, epoch: int) -> torch.Tensor:
-    """uint8 (3, size, size): the paper's crop drawn from (seed, epoch, row), decoded only as far as it needs."""
-    from ssvit.data import Views, decode_crop, item_rng, pil_decode
+    """uint8 (3, size, size), or the objective's views: the augmentation drawn from (seed, epoch, row), decoded only as
+    far as it needs (ssvit.data.decode_item, the per-image path's too)."""
+    from ssvit.data import decode_item, item_rng, unreadable
 
     data, path = image
     try:
-        data = data or Path(path).read_bytes()
-        if isinstance(augment, Views):  # several crops of the whole image
-            return augment(pil_decode(data).permute(2, 0, 1), item_rng(seed, epoch, row))
-        if augment is not None:
-            rng = item_rng(seed, epoch, row)
-            return decode_crop(data, lambda h, w: augment.draw(h, w, rng), size)
-        t = pil_decode(data).permute(2, 0, 1)
+        return decode_item(data or Path(path).read_bytes(), augment, item_rng(seed, epoch, row), size)
     except Exception as e:  # noqa: BLE001 - named, with the way out
-        raise UsageError(f"Could not decode the image at {reader.where(row)}: {e}. Remove or fix it (ssvit.prepare "
-                         f"refuses unreadable images and writes clean shards).") from e  # fmt: skip
-    return v2.functional.center_crop(v2.functional.resize(t, size, antialias=True), size)
+        raise unreadable(reader.where(row), e) from e
 
 
 def shuffle_buffer_order(n: int, buffer_size: int, rng: np.random.Generator) -> np.ndarray:

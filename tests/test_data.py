@@ -1,7 +1,6 @@
 """Data contracts: every loading path on local files, held-out validation, label subsets, clear errors."""
 
 import io
-from types import SimpleNamespace
 
 import datasets
 import numpy as np
@@ -9,15 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
+from ssvit.config import TrainConfig
 from ssvit.data import load_splits, synthetic_images
 
 from conftest import CIFAR
 
 
 def cfg(data, **kw):
-    base = dict(data=data, img_size=16, image_column=None, label_column=None, val_fraction=0.25, split_seed=0,
-                label_fraction=None, samples_per_class=None, crop_scale=(0.35, 1.0), hflip=True)  # fmt: skip
-    return SimpleNamespace(**{**base, **kw})
+    """The typed config the loaders take (a stand-in with only some fields would pass where users' configs fail)."""
+    return TrainConfig(**{**dict(data=data, img_size=16, val_fraction=0.25), **kw})
 
 
 def png(color, size=20) -> bytes:
