@@ -183,6 +183,8 @@ class RunConfig:
     objective_options: object
     namespace: Namespace
     parser: ArgumentParser
+    command: Optional[str] = None
+    """The command that parsed it (ssvit-pretrain, ssvit-finetune); None for a run started by another (a study)."""
 
     def dump(self) -> str:
         # Keep nulls (they differ from defaults); never --overwrite_output_dir: `--config runs/x/config.yaml`
@@ -249,7 +251,7 @@ def parse(argv: Optional[list[str]] = None, defaults: Optional[dict] = None, pro
     options = objective_cls.Options(**vars(ns[train.objective]))
     objective_cls.check_options(train, options)
     check(train)
-    return RunConfig(train, options, ns, parser)
+    return RunConfig(train, options, ns, parser, prog)
 
 
 def pooling_for_init(init: Optional[str], objective: str, model_kwargs: dict) -> dict:

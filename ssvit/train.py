@@ -516,15 +516,15 @@ class StopSignals:
 
 
 def resume_command(state: State) -> str:
-    """The command that continues this run: pretrain.py or finetune.py with the run's config.yaml and --resume; for
-    a run started by another command (a study), that command again (its finished runs are kept, this one resumes)."""
-    argv0 = Path(sys.argv[0])
-    script = sys.argv[1] if argv0.stem == "ssvit" and len(sys.argv) > 1 else argv0.stem.removeprefix("ssvit-")
-    launch = f"accelerate launch ssvit/{script}.py" if argv0.suffix == ".py" else f"ssvit {script}"
+    """The command that continues this run: its own command (the name it was parsed under) with the run's config.yaml
+    and --resume, under accelerate launch when several processes train; for a run another command started (a study),
+    that command again (its finished runs are kept, this one resumes)."""
+    command = (state.run.command or "").removeprefix("ssvit-")
+    launch = f"accelerate launch ssvit/{command}.py" if state.accelerator.num_processes > 1 else f"ssvit {command}"
     config = state.output_dir / "config.yaml"
-    if script == "pretrain":
+    if command == "pretrain":
         return f"{launch} --config {config} --resume"
-    if script == "finetune":  # finetune.py takes its architecture from --init before it reads the config
+    if command == "finetune":  # finetune takes its architecture from --init before it reads the config
         return f"{launch} --init {state.cfg.init} --config {config} --resume"
     return "the same command again (this run resumes from its checkpoint)"
 

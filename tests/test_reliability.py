@@ -183,6 +183,31 @@ def test_a_signal_in_process_raises_interrupted_with_the_resume_line(tmp_path, m
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the run's only
 
 
+@pytest.mark.parametrize("argv0", ["/usr/bin/ssvit", "ssvit/pretrain.py", "-c"])
+def test_the_resume_line_comes_from_the_run_not_from_how_python_was_started(tmp_path, monkeypatch, argv0):
+    """The command that continues a run is the run's own (ssvit-pretrain, by the name parse was given), whatever
+    sys.argv holds: it was read from sys.argv, so a run started from Python (`-c`, a notebook, a study) or by `ssvit
+    pretrain` could be told another command or none."""
+    import sys
+
+    import ssvit.train
+
+    real, calls = ssvit.train.train_step, []
+
+    def step_then_signal(*a, **k):
+        out = real(*a, **k)
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(ssvit.train, "train_step", step_then_signal)
+    monkeypatch.setattr(sys, "argv", [argv0, "--unrelated"])
+    with pytest.raises(Interrupted) as e:
+        main(tiny_args(tmp_path, "--max_steps", "50"))
+    assert str(e.value).endswith(f"Resume with: ssvit pretrain --config {tmp_path / 'run' / 'config.yaml'} --resume")
+
+
 def test_a_signal_before_the_first_step_leaves_the_folder_for_the_same_command(tmp_path, monkeypatch):
     import ssvit.train
 
