@@ -164,20 +164,24 @@ def test_a_second_signal_stops_at_once(tmp_path):
     assert proc.returncode == -signal.SIGTERM
 
 
-def test_a_signal_in_process_raises_interrupted_with_the_resume_line(tmp_path, monkeypatch):
+def signal_after_step(n: int, monkeypatch) -> None:
+    """SIGTERM this process right after its n-th training step (the loop's own train_step, wrapped)."""
     import ssvit.train
 
-    real = ssvit.train.train_step
-    calls = []
+    real, calls = ssvit.train.train_step, []
 
     def step_then_signal(*a, **k):
         out = real(*a, **k)
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == n:
             os.kill(os.getpid(), signal.SIGTERM)
         return out
 
     monkeypatch.setattr(ssvit.train, "train_step", step_then_signal)
+
+
+def test_a_signal_in_process_raises_interrupted_with_the_resume_line(tmp_path, monkeypatch):
+    signal_after_step(2, monkeypatch)
     with pytest.raises(Interrupted, match=r"stopped by SIGTERM at step 2: checkpoint .*step_000002. Resume with: "):
         main(tiny_args(tmp_path, "--max_steps", "50"))
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the run's only
@@ -190,18 +194,7 @@ def test_the_resume_line_comes_from_the_run_not_from_how_python_was_started(tmp_
     pretrain` could be told another command or none."""
     import sys
 
-    import ssvit.train
-
-    real, calls = ssvit.train.train_step, []
-
-    def step_then_signal(*a, **k):
-        out = real(*a, **k)
-        calls.append(1)
-        if len(calls) == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
-    monkeypatch.setattr(ssvit.train, "train_step", step_then_signal)
+    signal_after_step(1, monkeypatch)
     monkeypatch.setattr(sys, "argv", [argv0, "--unrelated"])
     with pytest.raises(Interrupted) as e:
         main(tiny_args(tmp_path, "--max_steps", "50"))
