@@ -156,10 +156,18 @@ class Objective(nn.Module):
     classifier_pooling: dict = {}
     """model_kwargs of a classifier fine-tuned from this objective's backbone, unless --model_kwargs chooses a
     pooling: e.g. the mean patch token for objectives that never train the class token."""
-    released: str = "backbone"
-    """The module whose weights export, fine-tuning and evaluation take from a checkpoint: the backbone, or e.g. a
-    momentum teacher's copy of it (DINO releases the teacher); --student (export) and --init_student take the
-    backbone instead."""
+
+    @classmethod
+    def released_prefix(cls) -> str:
+        """Where, in this objective's checkpoints, the backbone it releases is: the prefix of its state-dict keys. Export,
+        fine-tuning and frozen evaluation take those weights: the trained backbone's ("backbone."), or e.g. a momentum
+        teacher's copy of it (DINO releases its teacher); --student (export, evaluate) and --init_student take the trained
+        backbone instead."""
+        return "backbone."
+
+    def released_backbone(self) -> nn.Module:
+        """The backbone released_prefix names, as a module (the loop's frozen evaluation reads it)."""
+        return self.backbone
 
     @classmethod
     def backbone_kwargs(cls, cfg, options) -> dict:

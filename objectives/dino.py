@@ -78,7 +78,6 @@ class DINO(Objective):
     best_metric = None  # no label-free score ranks DINO's checkpoints: the last one is released, as the paper does
     needs_labels = False
     representation = "prelogits"  # the class token after the final norm, as DINO's k-NN and linear evaluations read it
-    released = "teacher_backbone"  # DINO releases the teacher (section 3.1; its checkpoints' "teacher" weights)
 
     @dataclass
     class Options:
@@ -189,6 +188,13 @@ class DINO(Objective):
         # The official schedule starts at warmup_teacher_temp, or at teacher_temp when there is no warm-up.
         self.register_buffer("teacher_temp_now", torch.tensor(o.warmup_teacher_temp if o.warmup_teacher_temp_epochs else o.teacher_temp))
         self._sums, self._rows, self._low_or_high = None, 0, 0
+
+    @classmethod
+    def released_prefix(cls) -> str:
+        return "teacher_backbone."  # DINO releases the teacher (section 3.1; its checkpoints' "teacher" weights)
+
+    def released_backbone(self) -> nn.Module:
+        return self.teacher_backbone
 
     @torch.no_grad()
     def on_init(self, checkpoint: dict[str, torch.Tensor]) -> None:

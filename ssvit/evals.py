@@ -63,7 +63,7 @@ def validate(state, step: int) -> dict:
 
 def fewshot(state, step: int) -> dict:
     """Few-shot linear accuracy and 20-NN accuracy (plain and DINO's weighted vote) of the frozen backbone the objective
-    releases (its `released` module: the backbone, or a momentum teacher), on the validation split (the main process
+    releases (released_backbone: the backbone, or a momentum teacher), on the validation split (the main process
     computes)."""
     from ssvit.features import evaluate_backbone, representation_for
 
@@ -76,7 +76,7 @@ def fewshot(state, step: int) -> dict:
         was_training = model.training
         with _forked_rng(accelerator), accelerator.autocast():
             rep = representation_for(cfg.objective, cfg.fewshot_representation)
-            out = evaluate_backbone(getattr(model, type(model).released), state.splits, rep, probe=False, max_train=2000,
+            out = evaluate_backbone(model.released_backbone(), state.splits, rep, probe=False, max_train=2000,
                                     device=accelerator.device, batch_size=max(cfg.batch_size, 64))  # fmt: skip
         model.train(was_training)
         result = {f"val/{k}": v for k, v in out.items() if k.startswith(("fewshot", "knn")) and not k.endswith("_std")}

@@ -123,11 +123,11 @@ def read_state_dict(path: str | Path, header_only: bool = False) -> dict[str, to
 
 
 def released_prefix(checkpoint: str | Path, student: bool = False) -> str:
-    """The key prefix of the backbone weights an ssvit checkpoint releases: its objective's `released` module
+    """The key prefix of the backbone weights an ssvit checkpoint releases: its objective's released_prefix
     (e.g. DINO's momentum teacher), or the trained backbone itself with student=True."""
     saved = saved_config(checkpoint) or {}
     source = objectives.OBJECTIVES.get(saved.get("objective") or "")
-    return f"{'backbone' if student or source is None else source.released}."
+    return "backbone." if student or source is None else source.released_prefix()
 
 
 def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], source: str, prefix: str = "backbone.") -> None:
