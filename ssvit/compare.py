@@ -25,7 +25,7 @@ from typing import Optional
 
 import yaml
 
-from ssvit.config import parse, preset, saved_train_config
+from ssvit.config import TrainConfig, parse, preset, saved_train_config
 from ssvit.models import saved_config
 from ssvit.cli import make_parser, parse_args
 from ssvit.errors import UsageError, command
@@ -85,8 +85,6 @@ class Study:
 
 def resolved(study: Study, arm: str) -> tuple[dict, dict]:
     """(pretraining flags, fine-tuning flags) of an arm as its runs see them: defaults, base, then the study's."""
-    from ssvit.config import TrainConfig
-
     pretrain = {}
     if arm in ("supervised", *study.objectives):
         pretrain = {**vars(TrainConfig()), **study.base, **study.pretrain, **study.pretraining_flags(arm)}
@@ -281,7 +279,9 @@ class Cell:
     @property
     def family(self) -> str:
         """What the study reads at its best share, budget by budget: scratch, semi, an objective, or <objective>+semi."""
-        return f"{self.objective or ''}{'+' if self.objective and self.semi else ''}{'semi' if self.semi else ''}" or "scratch"
+        if self.objective is None:
+            return "semi" if self.semi else "scratch"
+        return f"{self.objective}+semi" if self.semi else self.objective
 
 
 def pretraining_argv(study: Study, objective: str, steps: Optional[int] = None, extra: Optional[dict] = None) -> list[str]:
@@ -326,7 +326,7 @@ def budget_plan(study: Study) -> list[Cell]:
                 cells.append(Cell(f"{objective}{share:g}", objective, share, budget, batches * batch, budget - round(share * budget)))
     if study.semi is not None:  # each cell again, fine-tuned semi-supervised on what fine-tuning's FLOPs buy it
         semi_flops = counted_flops(semi_argv(study), defaults=preset("finetune"))
-        for cell in [c for c in cells]:
+        for cell in list(cells):
             fine = round(cell.finetune_images * fine_flops / semi_flops / finetune["batch_size"]) * finetune["batch_size"]
             if fine < finetune["batch_size"]:
                 raise UsageError(f"budget {cell.budget}: the semi-supervised fine-tuning of {cell.arm} would train on less than one "
@@ -345,7 +345,7 @@ def check_semi(study: Study) -> None:
         raise UsageError("semi: semi-supervised arms are part of budget studies: add budgets (e.g. [16384]), or remove semi.")
     name = study.semi.get("objective", "supervised")
     source = objectives.get(name)
-    if not source.needs_labels or source.unlabeled.__func__ is objectives.Objective.unlabeled.__func__:  # no second stream
+    if not source.needs_labels or source.unlabeled(TrainConfig(objective=name), source.Options()) is None:
         raise UsageError(f"semi: objective {name} does not fine-tune on labelled and unlabeled images; name one that does, "
                          f"such as fixmatch.")  # fmt: skip
 

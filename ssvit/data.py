@@ -487,8 +487,8 @@ class Augmentation:
 
     def decode(self, data: bytes, rng: random.Random) -> torch.Tensor:
         """The crop from encoded bytes: its box is drawn from the image's header, and only what it needs is decoded
-        (decode_crop), antialiased bilinear (the box's pixels are the full decode's: tested)."""
-        return decode_crop(data, lambda h, w: self.draw(h, w, rng), self.size)
+        (decode_crop; the box's pixels are the full decode's: tested), resized with this interpolation."""
+        return decode_crop(data, lambda h, w: self.draw(h, w, rng), self.size, self.interpolation)
 
     def __call__(self, image: torch.Tensor, rng: Optional[random.Random] = None) -> torch.Tensor:
         i, j, h, w, flip = self.draw(*image.shape[-2:], rng)
@@ -608,7 +608,7 @@ def item_rng(seed: int, epoch: int, index: int) -> random.Random:
 DCT_SCALES = (1 / 8, 1 / 4, 1 / 2)
 
 
-def decode_crop(data: bytes, draw: Callable[[int, int], tuple], size: int) -> torch.Tensor:
+def decode_crop(data: bytes, draw: Callable[[int, int], tuple], size: int, interpolation: str = "bilinear") -> torch.Tensor:
     """Decode only what a crop box needs, straight to uint8 (3, size, size). The box is drawn by `draw` from the
     image's size, read from its JPEG header (2 us; PIL's takes 33). libjpeg-turbo (simplejpeg) then decodes the
     JPEG at the smallest of DCT_SCALES that keeps the box at least `size` pixels across or, at full size, only the
@@ -641,7 +641,7 @@ def decode_crop(data: bytes, draw: Callable[[int, int], tuple], size: int) -> to
             sy, sx = full.shape[0] / height, full.shape[1] / width
             i, j, h, w = round(i * sy), round(j * sx), max(1, round(h * sy)), max(1, round(w * sx))
     box = full[i : i + h, j : j + w].permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
-    out = torch.nn.functional.interpolate(box, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    out = torch.nn.functional.interpolate(box, size=(size, size), mode=interpolation, antialias=True, align_corners=False)[0]
     return out.flip(-1) if flip else out
 
 

@@ -612,11 +612,9 @@ def batches(state: State):
     if state.unlabeled_loader is not None:
         unlabeled = epochs(state, state.unlabeled_sampler, state.unlabeled_loader, state.unlabeled_steps_per_epoch)
     for batch in labelled:
-        if unlabeled is not None:
-            batch["unlabeled"] = next(unlabeled)["image"]
         batch["image"] = to_float(batch["image"], memory_format)
-        if "unlabeled" in batch:
-            batch["unlabeled"] = to_float(batch["unlabeled"], memory_format)
+        if unlabeled is not None:
+            batch["unlabeled"] = to_float(next(unlabeled)["image"], memory_format)
         yield batch
 
 
