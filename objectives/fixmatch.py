@@ -70,6 +70,7 @@ class FixMatch(Supervised):
             ("ema_momentum", o.ema_momentum, 0 <= o.ema_momentum < 1, "in [0, 1) (Semi-ViT: 0.9999)"),
             ("randaugment_ops", o.randaugment_ops, o.randaugment_ops >= 0, "0 or more (FixMatch: 2)"),
             ("cutout", o.cutout, 0 <= o.cutout <= 1, "a share of the image side in [0, 1] (FixMatch: 0.5)"),
+            ("loss", o.loss, o.loss == "softmax", "softmax: a pseudo-label is one class per image (sigmoid is multi-label)"),
         ], "--fixmatch.")  # fmt: skip
 
     @classmethod

@@ -152,6 +152,7 @@ def test_fine_tunes_from_a_checkpoint_and_logs_the_mask(tmp_path):
     (["--fixmatch.ema_momentum", "1"], "--fixmatch.ema_momentum 1.0: must be in \\[0, 1\\)"),
     (["--fixmatch.mu", "40"], "40 x --batch_size 16 unlabeled images per step is more than the 540 training images"),
     (["--streaming"], "draws a second, unlabeled stream of images, which --streaming does not provide"),
+    (["--fixmatch.loss", "sigmoid"], "--fixmatch.loss sigmoid: must be softmax"),
 ])  # fmt: skip
 def test_bad_options_are_one_line(tmp_path, flags, message):
     with pytest.raises(UsageError, match=message):
