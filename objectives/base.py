@@ -161,8 +161,8 @@ class Objective(nn.Module):
     def released_prefix(cls) -> str:
         """Where, in this objective's checkpoints, the backbone it releases is: the prefix of its state-dict keys. Export,
         fine-tuning and frozen evaluation take those weights: the trained backbone's ("backbone."), or e.g. a momentum
-        teacher's copy of it (DINO releases its teacher); --student (export, evaluate) and --init_student take the trained
-        backbone instead."""
+        teacher's copy of it (DINO releases its teacher); --checkpoint_key (export, evaluate) and --init_checkpoint_key
+        name another backbone of the checkpoint instead (e.g. "backbone", DINO's student)."""
         return "backbone."
 
     def released_backbone(self) -> nn.Module:

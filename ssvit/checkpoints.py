@@ -188,8 +188,10 @@ def resume_changes(path: Path, run: RunConfig, world: int) -> list[str]:
 
     cfg, changes = run.train, []
     if (path / "config.yaml").exists():
-        saved, now = yaml.safe_load((path / "config.yaml").read_text()), yaml.safe_load(run.dump())
         from ssvit import objectives
+        from ssvit.config import upgrade
+
+        saved, now = upgrade(yaml.safe_load((path / "config.yaml").read_text())), yaml.safe_load(run.dump())
 
         ignored = RESUME_FREE | (set(objectives.OBJECTIVES) - {cfg.objective})
         changes += [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(saved.keys() | now.keys())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -47,9 +48,9 @@ class TrainConfig:
     """Start from weights: an ssvit checkpoint (dir or model.safetensors), an exported backbone folder,
     or timm:<name> for timm's pretrained weights. The objective's head is always new."""
 
-    init_student: bool = False
-    """With --init an ssvit checkpoint of an objective that releases a momentum teacher (DINO): start from the
-    student's backbone instead of the teacher's, which is the default as DINO releases it."""
+    init_checkpoint_key: Optional[str] = None
+    """With --init an ssvit checkpoint: start from this backbone of it (e.g. backbone: DINO's student; momentum_backbone:
+    MoCo v3's momentum encoder); unset: the one its objective releases (DINO's teacher, MoCo v3's base encoder)."""
 
     data: str = "synthetic"
     """synthetic[:N] | parquet:PATH | imagefolder:DIR | a Hugging Face hub dataset name (needs internet)."""
@@ -206,9 +207,23 @@ def _unknown(key: str, known, path: str) -> UsageError:
     return UsageError(f"--config {path}: unknown key {key!r}{hint}. `--help` lists the options.")
 
 
-def check_config_file(path: str) -> None:
+RENAMED = {"init_student": ("init_checkpoint_key", lambda student: "backbone" if student else None)}
+"""Keys of older runs' config.yaml, with their new name and value: --config and --resume read such runs as they were."""
+
+
+def upgrade(values: dict) -> dict:
+    """A saved config with the keys RENAMED under their new names."""
+    values = dict(values)
+    for old, (new, convert) in RENAMED.items():
+        if old in values:
+            values.setdefault(new, convert(values.pop(old)))
+    return values
+
+
+def check_config_file(path: str) -> Optional[dict]:
     """A --config file is readable YAML whose keys are options: refused naming the file, line and key (the parser's
-    own messages name '<unicode string>' and print its 50-line usage first)."""
+    own messages name '<unicode string>' and print its 50-line usage first). Returns the file's values under today's
+    names if it has RENAMED keys (an older run's config.yaml), else None."""
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"--config {path}: no such file{' (a folder)' if p.is_dir() else ''}. Give a preset's name such as "
@@ -225,23 +240,32 @@ def check_config_file(path: str) -> None:
         return
     if not isinstance(values, dict):
         raise UsageError(f"--config {path}: expected `option: value` lines, found a {type(values).__name__}.")
+    upgraded = upgrade(values)
     known = _known_keys()
-    for key, value in values.items():
+    for key, value in upgraded.items():
         if key not in known:
             raise _unknown(str(key), known, path)
         if known[key] and isinstance(value, dict):
             for sub in value:
                 if sub not in known[key]:
                     raise _unknown(f"{key}.{sub}", known[key], path)
+    return upgraded if upgraded != values else None
+
 
 
 def parse(argv: Optional[list[str]] = None, defaults: Optional[dict] = None, prog: Optional[str] = None) -> RunConfig:
     argv = _bare_switches(normalize(sys.argv[1:] if argv is None else list(argv)))
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv) or arg.startswith("--config="):
-            check_config_file(arg.partition("=")[2] or argv[i + 1])
-    parser = build_parser(defaults, prog)
-    ns = parse_args(parser, argv)
+    with tempfile.TemporaryDirectory(prefix="ssvit-config-") as upgraded:
+        for i, arg in enumerate(argv):
+            if arg == "--config" and i + 1 < len(argv) or arg.startswith("--config="):
+                path = arg.partition("=")[2] or argv[i + 1]
+                values = check_config_file(path)
+                if values is not None:  # an older run's config.yaml: read under today's names, the file left alone
+                    copy = Path(upgraded) / f"{i}_{Path(path).name}"
+                    copy.write_text(yaml.safe_dump(values, sort_keys=False))
+                    argv[i if "=" in arg else i + 1] = f"--config={copy}" if "=" in arg else str(copy)
+        parser = build_parser(defaults, prog)
+        ns = parse_args(parser, argv)
     if ns.model_kwargs is None:  # defaults that belong to one architecture apply to it only
         ns.model_kwargs = dict(DEFAULT_MODEL_KWARGS.get(ns.model, {}))
     ns.model_kwargs = {**ns.model_kwargs, **pooling_for_init(ns.init, ns.objective, ns.model_kwargs)}

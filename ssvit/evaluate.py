@@ -41,8 +41,9 @@ def run_command(argv=None) -> dict:
     p.add_argument("--output", default=None, help="JSON file (default: evaluation.json beside the checkpoint)")
     p.add_argument("--random_init", action="store_true",
                    help="evaluate the checkpoint's architecture at random initialisation: the no-pretraining reference")  # fmt: skip
-    p.add_argument("--student", action="store_true",
-                   help="with a momentum teacher (DINO): evaluate the student's backbone, not the teacher's (the default)")
+    p.add_argument("--checkpoint_key", metavar="NAME",
+                   help="evaluate this backbone of the checkpoint (e.g. backbone: DINO's student; momentum_backbone: MoCo v3's "
+                        "momentum encoder); default: the one its objective releases")
     args = parse_args(p, argv)
 
     trained_by = None  # a timm model: no objective of ssvit's names its representation (auto reads its pre-logits)
@@ -57,7 +58,7 @@ def run_command(argv=None) -> dict:
     torch.manual_seed(0)  # a reproducible random initialisation for --random_init
     backbone = create_backbone(cfg.model, cfg.img_size, cfg.model_kwargs)
     if not args.random_init:
-        load_init(backbone, args.init, student=args.student)
+        load_init(backbone, args.init, args.checkpoint_key)
     splits = load_splits(cfg)
     rep = representation_for(trained_by, args.representation)
     result = {"checkpoint": "random initialisation" if args.random_init else str(args.init), "data": splits.description}

@@ -51,14 +51,15 @@ def check_out(checkpoint, out: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --overwrite.")
 
 
-def export(checkpoint, out, with_head=False, use_ema=True, overwrite=False, push_to_hub=None, onnx=False, student=False) -> Path:
+def export(checkpoint, out, with_head=False, use_ema=True, overwrite=False, push_to_hub=None, onnx=False,
+           checkpoint_key=None) -> Path:
     """Write the timm folder next to --out first and put it in place last: a failed export leaves an existing
     --out as it was."""
     import timm.models
 
     out = Path(out)
     check_out(checkpoint, out, overwrite)
-    model, model_args = build_timm_model(checkpoint, with_head, use_ema, student)
+    model, model_args = build_timm_model(checkpoint, with_head, use_ema, checkpoint_key)
     tmp = out.with_name(f".{out.name}.exporting")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -86,11 +87,12 @@ def run_command(argv=None) -> Path:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--push_to_hub", metavar="REPO_ID", help="also upload through huggingface_hub")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx with a dynamic batch axis (the onnx extra)")
-    p.add_argument("--student", action="store_true",
-                   help="with a momentum teacher (DINO): export the student's backbone, not the teacher's (the default)")
+    p.add_argument("--checkpoint_key", metavar="NAME",
+                   help="export this backbone of the checkpoint (e.g. backbone: DINO's student; momentum_backbone: MoCo v3's "
+                        "momentum encoder); default: the one its objective releases")
     args = parse_args(p, argv)
     out = export(args.checkpoint, args.out, args.with_head, not args.no_ema, args.overwrite, args.push_to_hub, args.onnx,
-                 args.student)  # fmt: skip
+                 args.checkpoint_key)  # fmt: skip
     print(f"Exported to {out}. Load it with: timm.create_model('local-dir:{out}', pretrained=True)")
     return out
 

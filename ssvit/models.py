@@ -122,12 +122,21 @@ def read_state_dict(path: str | Path, header_only: bool = False) -> dict[str, to
         ) from None
 
 
-def released_prefix(checkpoint: str | Path, student: bool = False) -> str:
-    """The key prefix of the backbone weights an ssvit checkpoint releases: its objective's released_prefix
-    (e.g. DINO's momentum teacher), or the trained backbone itself with student=True."""
+def released_prefix(checkpoint: str | Path, state: dict[str, torch.Tensor], key: Optional[str] = None) -> str:
+    """The key prefix of the backbone weights to read from an ssvit checkpoint: `key` (--checkpoint_key: a backbone
+    the checkpoint holds, such as DINO's student "backbone" or MoCo v3's "momentum_backbone"), else the one its
+    objective releases (released_prefix(): the trained backbone, or e.g. DINO's momentum teacher)."""
     saved = saved_config(checkpoint) or {}
     source = objectives.OBJECTIVES.get(saved.get("objective") or "")
-    return "backbone." if student or source is None else source.released_prefix()
+    released = "backbone." if source is None else source.released_prefix()
+    if key is None:
+        return released
+    prefix = f"{key.removesuffix('.')}."
+    if not any(k.startswith(prefix) for k in state):
+        inner = {k.removeprefix(released) for k in state if k.startswith(released)}  # a backbone's own keys
+        held = sorted({k.split(".")[0] for k in state if k.partition(".")[2] in inner})
+        raise UsageError(f"--checkpoint_key {key}: {checkpoint} has no backbone under it; its backbones are: {', '.join(held)}.")
+    return prefix
 
 
 def load_backbone_weights(backbone: nn.Module, state: dict[str, torch.Tensor], source: str, prefix: str = "backbone.") -> None:
@@ -216,14 +225,15 @@ def init_architecture(init: str) -> dict:
     return {k: saved[k] for k in ("model", "model_kwargs", "img_size", "data") if k in saved}
 
 
-def load_init(backbone: nn.Module, init: str, student: bool = False) -> dict[str, torch.Tensor]:
+def load_init(backbone: nn.Module, init: str, checkpoint_key: Optional[str] = None) -> dict[str, torch.Tensor]:
     """Load --init into the backbone: timm:<name> (timm's pretrained weights, needs internet) or a path (an ssvit
-    checkpoint: the weights its objective releases, or with student=True its trained backbone). Returns the whole
+    checkpoint: the weights its objective releases, or the backbone checkpoint_key names). Returns the whole
     state dict it read (Objective.on_init takes what else it wants of it, such as a classifier's head)."""
     if init.startswith("timm:"):
         source, prefix = timm.create_model(init[5:], pretrained=True, num_classes=0).state_dict(), "backbone."
     else:
-        source, prefix = read_state_dict(init), released_prefix(init, student)
+        source = read_state_dict(init)
+        prefix = released_prefix(init, source, checkpoint_key)
     load_backbone_weights(backbone, source, init, prefix)
     return source
 
@@ -241,9 +251,9 @@ def checkpoint_folder(path: str | Path) -> Path:
 
 
 def build_timm_model(checkpoint: str | Path, with_head: bool = False, use_ema: bool = True,
-                     student: bool = False) -> tuple[nn.Module, dict]:  # fmt: skip
+                     checkpoint_key: Optional[str] = None) -> tuple[nn.Module, dict]:  # fmt: skip
     """The plain timm model held by an ssvit checkpoint (EMA weights when kept; the backbone its objective releases,
-    or the trained one with student=True), and the model_args that rebuild it."""
+    or the one checkpoint_key names), and the model_args that rebuild it."""
     folder = checkpoint_folder(checkpoint)
     cfg = saved_config(folder)
     weights = folder / ("ema.safetensors" if use_ema and (folder / "ema.safetensors").exists() else "model.safetensors")
@@ -253,7 +263,7 @@ def build_timm_model(checkpoint: str | Path, with_head: bool = False, use_ema: b
     model = create_backbone(cfg["model"], cfg["img_size"], model_args)
     if hasattr(model, "patch_embed"):
         model_args["img_size"] = cfg["img_size"]
-    load_backbone_weights(model, state, str(weights), released_prefix(folder, student))
+    load_backbone_weights(model, state, str(weights), released_prefix(folder, state, checkpoint_key))
     if with_head:
         if "head.weight" not in state or state["head.weight"].ndim != 2:
             raise UsageError(

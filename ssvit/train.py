@@ -96,7 +96,7 @@ def build_objective(run: RunConfig, num_classes: int) -> objectives.Objective:
     backbone = create_backbone(cfg.model, cfg.img_size, {**(cfg.model_kwargs or {}), **regularised, **needs})
     objective = objective_cls(backbone, num_classes, run.objective_options)
     if cfg.init:  # after the objective: what it initialises in the backbone (MAE's fixed positions) must not win
-        objective.on_init(load_init(objective.backbone, cfg.init, student=cfg.init_student))
+        objective.on_init(load_init(objective.backbone, cfg.init, cfg.init_checkpoint_key))
     return objective
 
 

@@ -72,6 +72,18 @@ def test_dumped_config_reproduces_the_run(tmp_path):
     assert yaml.safe_load(saved.read_text())["masked_patch"]["mask_ratio"] == 0.15
 
 
+def test_a_config_written_before_a_key_was_renamed_still_reproduces_its_run(tmp_path):
+    """init_student (a run's config.yaml before --init_checkpoint_key): --config reads it as the new key."""
+    run = parse(["--max_steps", "11"])
+    for old, new in ((True, "backbone"), (False, None)):
+        values = yaml.safe_load(run.dump())
+        values = {**{k: v for k, v in values.items() if k != "init_checkpoint_key"}, "init_student": old}
+        saved = tmp_path / f"config_{old}.yaml"
+        saved.write_text(yaml.safe_dump(values))
+        again = parse(["--config", str(saved)])
+        assert again.train.init_checkpoint_key == new and again.train.max_steps == 11
+
+
 @pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
 def test_every_study_preset_parses_and_its_runs_take_valid_flags(path):
     from jsonargparse import ActionConfigFile, ArgumentParser

@@ -134,11 +134,13 @@ def test_dino_trains_saves_its_teacher_and_releases_it(tmp_path):
     state = load_file(ckpt / "model.safetensors")
     assert {"centre", "teacher_temp_now", "teacher_backbone.cls_token", "teacher_head.last_v"} <= set(state)
     assert not torch.equal(state["teacher_backbone.blocks.0.attn.qkv.weight"], state["backbone.blocks.0.attn.qkv.weight"])
-    for flag, prefix in (([], "teacher_backbone."), (["--student"], "backbone.")):
+    for flag, prefix in (([], "teacher_backbone."), (["--checkpoint_key", "backbone"], "backbone.")):
         out = tmp_path / f"export{len(flag)}"
         export_main([str(ckpt), "--out", str(out), *flag])
         exported = load_file(out / "model.safetensors")
         assert torch.equal(exported["blocks.0.attn.qkv.weight"], state[f"{prefix}blocks.0.attn.qkv.weight"])
+    with pytest.raises(UsageError, match=r"--checkpoint_key studnet: .* has no backbone under it; its backbones are: backbone, teacher_backbone"):
+        export_main([str(ckpt), "--out", str(tmp_path / "typo"), "--checkpoint_key", "studnet"])
     import timm
 
     plain = timm.create_model(f"local-dir:{tmp_path / 'export0'}", pretrained=True)  # the teacher, as plain timm loads it

@@ -88,6 +88,18 @@ def test_a_resume_with_other_training_settings_is_refused_unless_allowed_and_the
     assert "allow_inexact_resume: true" in (tmp_path / "run/config.yaml").read_text()
 
 
+def test_a_run_saved_before_a_key_was_renamed_resumes_exactly(tmp_path):
+    """A checkpoint whose config.yaml has init_student (before --init_checkpoint_key) is the same run, not a change."""
+    main(tiny_args(tmp_path, "--max_steps", "4", "--save_steps", "2"))
+    shutil.rmtree(tmp_path / "run/checkpoints/step_000004")
+    (tmp_path / "run/results.json").unlink()
+    for config in (tmp_path / "run/config.yaml", tmp_path / "run/checkpoints/step_000002/config.yaml"):
+        old = config.read_text().replace("init_checkpoint_key: null", "init_student: false      ")  # the manifest's size
+        assert "init_student" in old
+        config.write_text(old)
+    assert main(tiny_args(tmp_path, "--max_steps", "4", "--resume"))["steps"] == 4
+
+
 def test_a_damaged_checkpoint_is_named_with_the_newest_intact_one(tmp_path):
     main(tiny_args(tmp_path, "--max_steps", "4", "--save_steps", "2"))
     (tmp_path / "run/results.json").unlink()
