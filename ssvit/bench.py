@@ -136,6 +136,8 @@ def peers(args, device):
     out["timm_supervised"] = (lambda x, y: F.cross_entropy(timm_model(x).float(), y), list(timm_model.parameters()))
     if "dino" in args.objective and "lightly" in args.peers:
         out |= lightly_dino(args, device)
+    if "mocov3" in args.objective and "lightly" in args.peers:
+        out |= lightly_mocov3(args, device)
     try:
         from transformers import ViTConfig, ViTForMaskedImageModeling
     except ImportError:
@@ -168,6 +170,13 @@ def peers(args, device):
     return out
 
 
+def defaults_of(args, name: str):
+    """An objective's class, the bench's model as a TrainConfig, and the objective's default options: what a peer is
+    built to match."""
+    cls = get_objective(name)
+    return cls, TrainConfig(objective=name, model=args.model, model_kwargs=args.model_kwargs, img_size=args.img_size), cls.Options()
+
+
 def lightly_dino(args, device) -> dict:
     """lightly's DINO components (DINOProjectionHead, DINOLoss, update_momentum, cancel_last_layer_gradients) on the
     same timm backbone, views, head sizes and temperatures as ssvit's default DINO, used as lightly's DINO example
@@ -180,9 +189,7 @@ def lightly_dino(args, device) -> dict:
         return {}
     import copy
 
-    dino = get_objective("dino")
-    cfg = TrainConfig(objective="dino", model=args.model, model_kwargs=args.model_kwargs, img_size=args.img_size)
-    o = dino.Options()
+    dino, cfg, o = defaults_of(args, "dino")
     backbone = create_backbone(args.model, args.img_size, {**args.model_kwargs, **dino.backbone_kwargs(cfg, o)}).to(device)
     make_head = lambda **kw: DINOProjectionHead(backbone.num_features, o.hidden_dim, o.bottleneck_dim, o.out_dim, **kw).to(device)  # noqa: E731
     head, teacher_head = make_head(freeze_last_layer=1), make_head()  # its weight_norm cannot be deep-copied
@@ -202,6 +209,43 @@ def lightly_dino(args, device) -> dict:
         return criterion(teacher_out, student_out, epoch=0)
 
     return {"lightly_dino": (loss, [*backbone.parameters(), *head.parameters()])}
+
+
+def lightly_mocov3(args, device) -> dict:
+    """lightly's components for MoCo v3 (ProjectionHead blocks as the 3-layer projector, BYOLPredictionHead,
+    NTXentLoss without memory bank over the gathered batch, update_momentum) on the same timm backbone, views, widths
+    and temperature as ssvit's default MoCo v3, its patch projection frozen as ssvit's: the momentum encoder updated
+    before each forward, as lightly's MoCo example does; the two symmetrised terms."""
+    try:
+        from lightly.loss import NTXentLoss
+        from lightly.models.modules.heads import BYOLPredictionHead, ProjectionHead
+        from lightly.models.utils import deactivate_requires_grad, update_momentum
+    except ImportError:
+        return {}
+    import copy
+
+    moco, cfg, o = defaults_of(args, "mocov3")
+    backbone = create_backbone(args.model, args.img_size, args.model_kwargs).to(device)
+    backbone.patch_embed.proj.requires_grad_(False)
+    d, h = backbone.num_features, o.mlp_dim
+    projector = ProjectionHead([(d, h, torch.nn.BatchNorm1d(h), torch.nn.ReLU()), (h, h, torch.nn.BatchNorm1d(h), torch.nn.ReLU()),
+                                (h, o.dim, torch.nn.BatchNorm1d(o.dim, affine=False), None)]).to(device)  # fmt: skip
+    predictor = BYOLPredictionHead(o.dim, h, o.dim).to(device)
+    momentum_backbone, momentum_projector = copy.deepcopy(backbone), copy.deepcopy(projector)
+    deactivate_requires_grad(momentum_backbone)
+    deactivate_requires_grad(momentum_projector)
+    criterion = NTXentLoss(temperature=o.temperature, gather_distributed=True)
+    views = [v.to(device) for v in moco.views(cfg, o).example(args.batch_size)]
+
+    def loss(x, y):
+        update_momentum(backbone, momentum_backbone, m=o.momentum)
+        update_momentum(projector, momentum_projector, m=o.momentum)
+        queries = [predictor(projector(backbone(v))) for v in views]
+        with torch.no_grad():
+            keys = [momentum_projector(momentum_backbone(v)) for v in views]
+        return criterion(queries[0], keys[1]) + criterion(queries[1], keys[0])
+
+    return {"lightly_mocov3": (loss, [p for m in (backbone, projector, predictor) for p in m.parameters() if p.requires_grad])}
 
 
 def ssvit_candidate(args, device, precision, images, labels, fused_optimizer, objective=None):
@@ -325,7 +369,7 @@ def run(args) -> dict:
             ratios[f"{name}_mfu_vs_{first}"] = other["mfu"] / ours["mfu"] if ours["mfu"] else None
         if "transformers_mim" in rows:
             ratios["speedup_vs_transformers_mim"] = ours["images_per_s"] / rows["transformers_mim"]["images_per_s"]
-        for name, peer in (("mae", "transformers_mae"), ("simmim", "transformers_mim"), ("dino", "lightly_dino")):  # each objective against its peer
+        for name, peer in (("mae", "transformers_mae"), ("simmim", "transformers_mim"), ("dino", "lightly_dino"), ("mocov3", "lightly_mocov3")):  # each objective against its peer
             if f"ssvit_{name}" in rows and peer in rows:
                 ratios[f"{name}_speedup_vs_{peer}"] = rows[f"ssvit_{name}"]["images_per_s"] / rows[peer]["images_per_s"]
         report["results"][precision] = {"peak_flops": peak, "peak_source": peak_source, "ssvit_fused_attn": fused,

@@ -65,3 +65,13 @@ def test_cost_counts_the_flops_of_the_imagenet_presets_and_labels_the_gpu_estima
     assert row["preset_images"] == 200_000 * 4096
     assert row["preset_gpu_hours"] * 3600 * row["images_per_s_per_gpu"] == pytest.approx(row["preset_images"])
     assert "ESTIMATED" in capsys.readouterr().out
+
+
+def test_lightly_s_mocov3_peer_does_the_same_work_as_ssvit_s(tmp_path):
+    """The peer row is only a comparison if both steps count the same FLOPs (encoders, projector, predictor, keys)."""
+    pytest.importorskip("lightly")
+    report = main(["--objective", "mocov3", "--peers", "lightly", "--model_kwargs", "{patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}",
+                   "--img_size", "16", "--batch_size", "8", "--windows", "1", "--precision", "fp32", "--out", str(tmp_path / "b.json")])  # fmt: skip
+    steps = report["results"]["fp32"]["steps"]
+    assert steps["lightly_mocov3"]["flops_per_image"] == pytest.approx(steps["ssvit_mocov3"]["flops_per_image"], rel=0.02)
+    assert report["results"]["fp32"]["ratios"]["mocov3_speedup_vs_lightly_mocov3"] > 0

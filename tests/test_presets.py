@@ -18,8 +18,9 @@ TINY = {"max_steps": 2, "warmup_steps": 1, "eval_steps": 2, "save_steps": 2, "ev
         "report_to": [], "mixed_precision": "no", "cpu_threads": 1, "dataloader_num_workers": 0, "batch_size": 8}  # fmt: skip
 SHRINK_VIT = {"depth": 1, "embed_dim": 48, "num_heads": 3}
 SHRINK_DECODER = {"mae": {"mae.decoder_embed_dim": 16, "mae.decoder_depth": 1, "mae.decoder_num_heads": 2},
-                  "dino": {"dino.out_dim": 64, "dino.hidden_dim": 32, "dino.bottleneck_dim": 16}}
-"""MAE's decoder and DINO's head shrunk with the encoder: a study matches FLOPs, and the default decoder would cost 15x
+                  "dino": {"dino.out_dim": 64, "dino.hidden_dim": 32, "dino.bottleneck_dim": 16},
+                  "mocov3": {"mocov3.mlp_dim": 32, "mocov3.dim": 16}}
+"""MAE's decoder and DINO's and MoCo v3's heads shrunk with the encoder: a study matches FLOPs, and the default decoder would cost 15x
 the shrunk encoder (DINO's 65,536-output head, 16M parameters, far more)."""
 # Local files the tests read instead of the hub datasets the presets name (no test may download).
 LOCAL_DATA = {"uoft-cs/cifar10": f"parquet:{CIFAR}", "ILSVRC/imagenet-1k": f"imagefolder:{IMAGENET_SAMPLE}"}
