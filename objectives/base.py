@@ -246,6 +246,66 @@ class Objective(nn.Module):
         return None
 
 
+def joint(main: type[Objective], aux: type[Objective], cfg, aux_options, weight: float, ratio: int) -> type[Objective]:
+    """The objective of a joint run (--aux): `main` on the labelled batch plus `weight` x `aux`, a self-supervised
+    objective, on a second stream of `ratio` x the batch drawn from every training image in the aux's own views, through
+    one backbone, in one step (self-supervised losses trained with the supervised one: DRLoc, Liu et al., NeurIPS 2021,
+    arXiv 2106.03746, section 3; Zhai et al.'s S4L, ICCV 2019). It is `main` itself with the aux as a child module
+    (`aux.*` in the checkpoint beside main's own keys, the backbone held once), so export, fine-tuning and evaluation
+    read it as a `main` checkpoint; every hook of the aux runs after main's."""
+    from ssvit.data import View, Views
+
+    own_views = aux.views(cfg, aux_options)  # None: the aux trains on one crop at --img_size, as it would alone
+    stream = Unlabeled(own_views or Views((View(cfg.img_size, tuple(cfg.crop_scale), hflip=cfg.hflip),)), ratio)
+
+    class Joint(main):
+        @classmethod
+        def unlabeled(cls, cfg, options) -> Unlabeled:
+            return stream
+
+        @classmethod
+        def backbone_kwargs(cls, cfg, options) -> dict:
+            return {**main.backbone_kwargs(cfg, options), **aux.backbone_kwargs(cfg, aux_options)}
+
+        def __init__(self, backbone: nn.Module, num_classes: int, options):
+            super().__init__(backbone, num_classes, options)
+            self.aux = aux(backbone, num_classes, aux_options)
+            del self.aux._modules["backbone"]  # one backbone, registered (and saved, and synchronised) once: main's
+            object.__setattr__(self.aux, "backbone", backbone)
+
+        def forward(self, images, labels: Optional[torch.Tensor] = None, unlabeled: Optional[list] = None) -> StepOutput:
+            out = super().forward(images, labels)
+            if unlabeled is None:  # validation and checks: main's alone
+                return out
+            side = self.aux(unlabeled if own_views is not None else unlabeled[0])
+            logs = {**out.logs, "main_loss": out.loss.detach(), "aux_loss": side.loss.detach(),
+                    **{f"aux_{k}": v for k, v in side.logs.items()}}  # fmt: skip
+            return StepOutput(out.loss + weight * side.loss, logs, out.outputs, {**out.extras, "aux": side})
+
+        def on_init(self, checkpoint):
+            super().on_init(checkpoint)
+            self.aux.on_init(checkpoint)
+
+        def on_train_step(self, out: StepOutput) -> None:
+            super().on_train_step(out)
+            if "aux" in out.extras:
+                self.aux.on_train_step(out.extras["aux"])
+
+        def on_before_optimizer_step(self, progress: Progress) -> None:
+            super().on_before_optimizer_step(progress)
+            self.aux.on_before_optimizer_step(progress)
+
+        def on_optimizer_step(self, progress: Progress) -> None:
+            super().on_optimizer_step(progress)
+            self.aux.on_optimizer_step(progress)
+
+        def health(self, logs: dict[str, float]) -> Optional[str]:
+            return super().health(logs) or self.aux.health({k.removeprefix("aux_"): v for k, v in logs.items() if k.startswith("aux_")})
+
+    Joint.__name__ = Joint.__qualname__ = f"{main.__name__}With{aux.__name__}"
+    return Joint
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Shared by the pixel-reconstruction objectives (MAE, SimMIM)
 

@@ -193,7 +193,7 @@ def resume_changes(path: Path, run: RunConfig, world: int) -> list[str]:
 
         saved, now = upgrade(yaml.safe_load((path / "config.yaml").read_text())), yaml.safe_load(run.dump())
 
-        ignored = RESUME_FREE | (set(objectives.OBJECTIVES) - {cfg.objective})
+        ignored = RESUME_FREE | (set(objectives.OBJECTIVES) - {cfg.objective, cfg.aux})
         changes += [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(saved.keys() | now.keys())
                     if k not in ignored and saved.get(k) != now.get(k)]  # fmt: skip
     states = sorted(path.glob("random_states_*.pkl"))

@@ -65,6 +65,10 @@ class Study:
     fine-tuning flags. Every budget then also runs it from scratch (arm semi, the honest competitor of pretraining) and
     from each pretraining (arms <objective><share>+semi), at the same FLOPs: its unlabeled images and any teacher's
     forward are counted, so it fine-tunes on fewer labelled images."""
+    joint: Optional[dict] = None
+    """With budgets: flags of joint training (e.g. {aux: mae, aux_weight: 1.0}) on top of the fine-tuning flags. Every
+    budget then also runs it from scratch (arm joint): the labelled batch plus the aux objective on every training
+    image, at the same FLOPs (the aux's images counted), so it trains on fewer labelled images."""
     frozen: bool = True
     """Evaluate every pretraining's frozen features (few-shot, linear probe, DINO's weighted 20-NN) on the test split,
     beside the same architecture at random initialisation."""
@@ -275,12 +279,14 @@ class Cell:
     finetune_images: int
     """Labelled images the fine-tuning trains on (a semi-supervised one also draws its unlabeled images beside them)."""
     semi: bool = False
+    joint: bool = False
 
     @property
     def family(self) -> str:
-        """What the study reads at its best share, budget by budget: scratch, semi, an objective, or <objective>+semi."""
+        """What the study reads at its best share, budget by budget: scratch, semi, joint, an objective, or
+        <objective>+semi."""
         if self.objective is None:
-            return "semi" if self.semi else "scratch"
+            return "semi" if self.semi else "joint" if self.joint else "scratch"
         return f"{self.objective}+semi" if self.semi else self.objective
 
 
@@ -324,16 +330,24 @@ def budget_plan(study: Study) -> list[Cell]:
                                      f"one batch of {batch} at the same FLOPs ({per_image:.3g} FLOPs per image against "
                                      f"{fine_flops:.3g} for fine-tuning). Raise the budget or lower the pretraining batch.")  # fmt: skip
                 cells.append(Cell(f"{objective}{share:g}", objective, share, budget, batches * batch, budget - round(share * budget)))
+    def afforded(cell: Cell, per_image: float, what: str) -> int:
+        """Labelled images, in whole batches, that the FLOPs of the cell's fine-tuning buy at per_image each."""
+        fine = round(cell.finetune_images * fine_flops / per_image / finetune["batch_size"]) * finetune["batch_size"]
+        if fine < finetune["batch_size"]:
+            raise UsageError(f"budget {cell.budget}: the {what} of {cell.arm} would train on less than one batch of "
+                             f"{finetune['batch_size']} at the same FLOPs ({per_image:.3g} FLOPs per labelled image against "
+                             f"{fine_flops:.3g}). Raise the budget, or lower its unlabeled ratio.")  # fmt: skip
+        return fine
+
+    scratch = [c for c in cells if c.objective is None]
     if study.semi is not None:  # each cell again, fine-tuned semi-supervised on what fine-tuning's FLOPs buy it
         semi_flops = counted_flops(semi_argv(study), defaults=preset("finetune"))
         for cell in list(cells):
-            fine = round(cell.finetune_images * fine_flops / semi_flops / finetune["batch_size"]) * finetune["batch_size"]
-            if fine < finetune["batch_size"]:
-                raise UsageError(f"budget {cell.budget}: the semi-supervised fine-tuning of {cell.arm} would train on less than one "
-                                 f"batch of {finetune['batch_size']} at the same FLOPs ({semi_flops:.3g} FLOPs per labelled image "
-                                 f"against {fine_flops:.3g}). Raise the budget, or lower its unlabeled ratio.")  # fmt: skip
             arm = "semi" if cell.objective is None else f"{cell.arm}+semi"
-            cells.append(replace(cell, arm=arm, finetune_images=fine, semi=True))
+            cells.append(replace(cell, arm=arm, finetune_images=afforded(cell, semi_flops, "semi-supervised fine-tuning"), semi=True))
+    if study.joint is not None:  # scratch's cells again, trained jointly with the aux objective
+        joint_flops = counted_flops(joint_argv(study), defaults=preset("finetune"))
+        cells += [replace(c, arm="joint", finetune_images=afforded(c, joint_flops, "joint training"), joint=True) for c in scratch]
     return cells
 
 
@@ -352,6 +366,10 @@ def check_semi(study: Study) -> None:
 
 def semi_argv(study: Study) -> list[str]:
     return [*flags(study.base), *flags({**study.finetune, **(study.semi or {})})]
+
+
+def joint_argv(study: Study) -> list[str]:
+    return [*flags(study.base), *flags({**study.finetune, **(study.joint or {})})]
 
 
 def budget_pretraining(study: Study, objective: str, images: int) -> Path:
@@ -389,12 +407,12 @@ def run_budget_study(study: Study) -> list[dict]:
                 for cell in cells:
                     pre, fine = cell.pretrain_images, cell.finetune_images
                     init = ["--init", str(checkpoints[cell.objective, pre])] if cell.objective else []
-                    tuning = {**study.finetune, **(study.semi if cell.semi else {})}
+                    tuning = {**study.finetune, **(study.semi if cell.semi else {}), **(study.joint if cell.joint else {})}
                     argv = [*flags(study.base), *init, *flags(with_steps(tuning, finetune, fine // finetune["batch_size"])),
                             "--label_fraction", str(fraction), "--seed", str(seed), "--fewshot_steps", "0"]  # fmt: skip
                     run_dir = root / "runs" / f"finetune_{cell.arm}_images{pre + fine}_frac{fraction}_seed{seed}"
                     result = run_once(argv, run_dir, defaults=preset("finetune"))
-                    kind = "semi" if cell.semi else "finetune"
+                    kind = "semi" if cell.semi else "joint" if cell.joint else "finetune"
                     flops.setdefault(kind, flops_per_image(run_dir))
                     rows.append({"kind": "budget", "arm": cell.arm, "objective": cell.objective or "", "family": cell.family,
                                  "share": cell.share, "budget": cell.budget, "label_fraction": fraction, "seed": seed,
@@ -643,6 +661,8 @@ def run_command(argv=None) -> list[dict]:
     study = Study(**{k: v for k, v in vars(ns).items() if k in Study.__dataclass_fields__})
     if study.semi is not None:
         check_semi(study)
+    if study.joint is not None and not study.budgets:
+        raise UsageError("joint: the joint-training arm is part of budget studies: add budgets (e.g. [16384]), or remove joint.")
     rows = run_budget_study(study) if study.budgets else run_study(study)
     print((Path(study.output_dir) / "results.md").read_text())
     return rows

@@ -35,6 +35,13 @@ class TrainConfig:
 
     objective: str = "masked_patch"
     """Training objective, a name registered in objectives/ (masked_patch, supervised, ...)."""
+    aux: Optional[str] = None
+    """Joint training: a self-supervised objective (e.g. mae) trained in the same steps on every training image, its
+    loss added to --objective's with --aux_weight; its options are its own (--mae.mask_ratio, ...)."""
+    aux_weight: float = 1.0
+    """Weight of the --aux objective's loss."""
+    aux_ratio: int = 1
+    """Images of the --aux stream per labelled image in a step."""
     model: str = "vit_tiny_patch16_224"
     """Any timm model name: vit_*, resnetv2_*_bit, hybrid vit_*_r50_* ..."""
     model_kwargs: Optional[dict] = None
@@ -186,6 +193,19 @@ class RunConfig:
     parser: ArgumentParser
     command: Optional[str] = None
     """The command that parsed it (ssvit-pretrain, ssvit-finetune); None for a run started by another (a study)."""
+    aux_options: object = None
+    """With --aux: that objective's options."""
+
+    @property
+    def objective_class(self) -> type:
+        """The class that trains this run: --objective's, or with --aux the two trained jointly (objectives.base.joint)."""
+        main = objectives.get(self.train.objective)
+        if not self.train.aux:
+            return main
+        from ssvit.objectives.base import joint
+
+        cfg = self.train
+        return joint(main, objectives.get(cfg.aux), cfg, self.aux_options, cfg.aux_weight, cfg.aux_ratio)
 
     def dump(self) -> str:
         # Keep nulls (they differ from defaults); never --overwrite_output_dir: `--config runs/x/config.yaml`
@@ -275,7 +295,28 @@ def parse(argv: Optional[list[str]] = None, defaults: Optional[dict] = None, pro
     options = objective_cls.Options(**vars(ns[train.objective]))
     objective_cls.check_options(train, options)
     check(train)
-    return RunConfig(train, options, ns, parser, prog)
+    return RunConfig(train, options, ns, parser, prog, aux_options=check_aux(train, ns, options))
+
+
+def check_aux(train: TrainConfig, ns: Namespace, options) -> Optional[object]:
+    """--aux's options, checked, once it is known that the pair can train jointly (None without --aux)."""
+    if not train.aux:
+        return None
+    if train.aux not in objectives.OBJECTIVES:
+        raise UsageError(f"--aux {train.aux}: no such objective. Available: {', '.join(sorted(objectives.OBJECTIVES))}.")
+    main, aux = objectives.get(train.objective), objectives.get(train.aux)
+    if not main.needs_labels or aux.needs_labels:
+        raise UsageError(f"--aux {train.aux} with --objective {train.objective}: joint training adds a self-supervised "
+                         f"objective (mae, simmim, dino, mocov3, ...) to one that learns from labels (supervised).")  # fmt: skip
+    if main.unlabeled(train, options) is not None:
+        raise UsageError(f"--aux with --objective {train.objective}: that objective already draws the second stream "
+                         f"of unlabeled images that --aux would use; use --objective supervised.")  # fmt: skip
+    if train.streaming:
+        raise UsageError("--aux draws a second stream of every training image, which --streaming does not provide: "
+                         "drop --streaming (ssvit prepare writes shards that load without it).")  # fmt: skip
+    aux_options = aux.Options(**vars(ns[train.aux]))
+    aux.check_options(train, aux_options)
+    return aux_options
 
 
 def pooling_for_init(init: Optional[str], objective: str, model_kwargs: dict) -> dict:
@@ -296,6 +337,8 @@ def _ranges(cfg: TrainConfig) -> list[tuple[str, object, bool, str]]:
         *[(name, getattr(cfg, name), getattr(cfg, name) is None or getattr(cfg, name) >= 1, "a positive whole number, or null")
           for name in ("samples_per_class", "eval_batches", "cpu_threads", "lr_base_batch_size")],  # fmt: skip
         ("shuffle_buffer", cfg.shuffle_buffer, cfg.shuffle_buffer >= 1, "1 or more (images)"),
+        ("aux_weight", cfg.aux_weight, cfg.aux_weight >= 0, "0 or more"),
+        ("aux_ratio", cfg.aux_ratio, cfg.aux_ratio >= 1, "1 or more (images per labelled image)"),
         ("dataloader_num_workers", cfg.dataloader_num_workers, cfg.dataloader_num_workers is None or cfg.dataloader_num_workers >= 0,
          "0 (load in the training process) or more"),
         ("fewshot_steps", cfg.fewshot_steps, cfg.fewshot_steps is None or cfg.fewshot_steps >= 0, "0 (never), a number of steps, or null (at the end only)"),

@@ -91,7 +91,7 @@ def seed_process(seed: int) -> None:
 def build_objective(run: RunConfig, num_classes: int) -> objectives.Objective:
     cfg = run.train
     regularised = {"drop_path_rate": cfg.drop_path_rate} if cfg.drop_path_rate is not None else {}
-    objective_cls = objectives.get(cfg.objective)
+    objective_cls = run.objective_class
     needs = objective_cls.backbone_kwargs(cfg, run.objective_options)
     backbone = create_backbone(cfg.model, cfg.img_size, {**(cfg.model_kwargs or {}), **regularised, **needs})
     objective = objective_cls(backbone, num_classes, run.objective_options)
@@ -213,7 +213,7 @@ def example_batch(run: RunConfig, n: int, num_classes: int = 10) -> dict:
     """A batch of n random images in [0, 1] shaped as the run's objective trains on them (a batch of each of its views,
     and its unlabeled stream's), with random labels: what FLOPs are counted on (ssvit.compare) and steps timed on
     (ssvit.bench) before any data is read."""
-    cfg, objective_cls = run.train, objectives.get(run.train.objective)
+    cfg, objective_cls = run.train, run.objective_class
     views = objective_cls.views(cfg, run.objective_options)
     batch = {"image": views.example(n) if views else torch.rand(n, 3, cfg.img_size, cfg.img_size),
              "label": torch.randint(0, num_classes, (n,))}  # fmt: skip
@@ -287,7 +287,7 @@ def setup(run: RunConfig, accelerator: Accelerator, resume_from: Optional[Path] 
     world, accum = accelerator.num_processes, cfg.gradient_accumulation_steps
     set_seed(cfg.seed)  # the same initial weights on every process
     micro_batch = cfg.batch_size // (world * accum)
-    objective_cls = objectives.get(cfg.objective)
+    objective_cls = run.objective_class
     views = objective_cls.views(cfg, run.objective_options)  # None: one crop at --img_size
     second = objective_cls.unlabeled(cfg, run.objective_options)  # None: one stream, the labelled images
     if second is not None and cfg.streaming:

@@ -193,6 +193,29 @@ def test_semi_supervised_arms_fine_tune_on_what_the_same_flops_buy():
         budget_plan(study)
 
 
+def test_the_joint_arm_trains_from_scratch_on_what_the_same_flops_buy():
+    """With `joint`, every budget also runs joint training from scratch (arm joint: fine-tuning plus the aux objective
+    on unlabeled images), on the labelled images that fine-tuning's FLOPs buy at its own cost per labelled image."""
+    from ssvit.compare import Study, budget_plan, counted_flops, flags, joint_argv
+    from ssvit.config import preset
+
+    model_kwargs = yaml.safe_load(TINY_VIT[TINY_VIT.index("--model_kwargs") + 1])
+    study = Study(output_dir="unused", budgets=[512], pretrain_shares=[0.5], objectives={"mae": {"mae.decoder_embed_dim": 16, "mae.decoder_num_heads": 2}},
+                  base={"model": "vit_tiny_patch16_224", "model_kwargs": model_kwargs, "img_size": 16, "data": "synthetic:300"},
+                  pretrain={"batch_size": 8}, finetune={"batch_size": 8},
+                  joint={"aux": "mae", "aux_ratio": 2, "mae.decoder_embed_dim": 16, "mae.decoder_num_heads": 2})  # fmt: skip
+    cells = {c.arm: c for c in budget_plan(study)}
+    assert set(cells) == {"scratch", "mae0.5", "joint"}
+    fine = counted_flops([*flags(study.base), *flags(study.finetune)], defaults=preset("finetune"))
+    joint = counted_flops(joint_argv(study), defaults=preset("finetune"))
+    assert fine < joint < 3 * fine  # 2 unlabeled images per labelled one through MAE (a quarter of the tokens each)
+    assert cells["joint"].finetune_images == 8 * round(512 * fine / joint / 8) and cells["joint"].pretrain_images == 0
+    assert (cells["joint"].family, cells["joint"].objective) == ("joint", None)
+    study.joint = {"aux": "supervised"}
+    with pytest.raises(UsageError, match="joint training adds a self-supervised objective"):
+        budget_plan(study)
+
+
 def test_budget_study_refuses_a_split_that_is_not_whole_batches_before_any_run(tmp_path):
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "study"), "base": {"data": "synthetic:100"},

@@ -104,6 +104,8 @@ def tiny_study_of(study: dict) -> dict:
         "frozen_max_train": 500,
     }
     tiny_study.pop("output_dir", None)
+    if study.get("joint"):  # the aux objective's decoder or head shrunk with the encoder, as its pretraining's
+        tiny_study["joint"] = {**study["joint"], **SHRINK_DECODER.get(study["joint"]["aux"], {})}
     if study.get("budgets"):  # compute on the x-axis: one budget of 32 images and one share, whole batches of 8
         # (256 with semi-supervised arms: they pay about 10x per labelled image and still need a whole batch)
         tiny_study["budgets"], tiny_study["pretrain_shares"] = [256 if study.get("semi") else 32], study["pretrain_shares"][:1]
@@ -136,7 +138,7 @@ def run_study_preset(study: dict, tmp_path, name: str) -> None:
     rows = compare.main(["--config", str(config)])
     if study.get("budgets"):
         arms = {f"{o}{s:g}" for o in study.get("objectives", {"masked_patch": {}}) for s in tiny_study["pretrain_shares"]}
-        arms |= {"scratch", *({"semi", *(f"{a}+semi" for a in arms)} if study.get("semi") else ())}
+        arms |= {"scratch", *({"semi", *(f"{a}+semi" for a in arms)} if study.get("semi") else ()), *(["joint"] if study.get("joint") else [])}
         assert {r["arm"] for r in rows if r["kind"] == "budget"} == arms
         assert {r["budget"] for r in rows if r["kind"] == "budget"} == set(tiny_study["budgets"])
         assert (tmp_path / "study/accuracy_vs_compute.png").exists()

@@ -102,8 +102,8 @@ def test_non_finite_loss_stops_and_writes_no_bad_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("workers,data,objective", [(0, "cached", "masked_patch"), (2, "cached", "masked_patch"), (2, "decoded", "masked_patch"),
                                                     (2, "streaming", "masked_patch"), (2, "cached", "mae"), (2, "cached", "simmim"),
-                                                    (2, "cached", "dino"), (2, "cached", "fixmatch")],
-                         ids=["in_process", "two_workers", "decoded_two_workers", "streaming", "mae", "simmim", "dino", "fixmatch"])  # fmt: skip
+                                                    (2, "cached", "dino"), (2, "cached", "fixmatch"), (2, "cached", "joint")],
+                         ids=["in_process", "two_workers", "decoded_two_workers", "streaming", "mae", "simmim", "dino", "fixmatch", "joint"])  # fmt: skip
 def test_sigkill_mid_epoch_then_resume_gives_the_same_losses(tmp_path, workers, data, objective, shards, monkeypatch):
     # 540 training images at batch 16: 33 steps an epoch; checkpoints every 5 steps are mid-epoch. Decoded: the JPEG
     # shards read per image from Arrow (data beyond the uint8 cache), each crop decoded in a worker. Streamed: 235
@@ -115,6 +115,8 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_losses(tmp_path, workers, 
         common += ["--dino.out_dim", "64", "--dino.hidden_dim", "32", "--dino.bottleneck_dim", "16", "--dino.local_crops", "2"]
     if objective == "fixmatch":  # two streams, each resumed where it stood: 3 labelled steps an epoch, 16 unlabeled
         common += ["--fixmatch.mu", "2", "--fixmatch.threshold", "0", "--fixmatch.teacher", "ema", "--label_fraction", "0.1"]
+    if objective == "joint":  # supervised on 10% of the labels plus MAE on every image: two streams and MAE's masks
+        common[-1:] = ["supervised", "--aux", "mae", "--label_fraction", "0.1"]
     if data == "decoded":
         monkeypatch.setenv("SSVIT_MAX_CACHE_BYTES", "0")  # here and in the killed subprocess
     if data != "cached":
