@@ -46,8 +46,12 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     SyncBatchNorm's does; the state dict is BatchNorm1d's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return super().forward(x)
+        if not (self.training and distributed()):
+            return super().forward(x)  # one process: its batch is the global batch (PyTorch's fused kernel)
+        return self.synchronised(x)
+
+    def synchronised(self, x: torch.Tensor) -> torch.Tensor:
+        """Training-mode batch norm with the statistics of every process's rows."""
         xf = x.float()
         stats = torch.cat([xf.sum(0), xf.pow(2).sum(0), xf.new_full((1,), len(x))])
         if distributed():

@@ -65,6 +65,11 @@ class Study:
     fine-tuning flags. Every budget then also runs it from scratch (arm semi, the honest competitor of pretraining) and
     from each pretraining (arms <objective><share>+semi), at the same FLOPs: its unlabeled images and any teacher's
     forward are counted, so it fine-tunes on fewer labelled images."""
+    readouts: dict = field(default_factory=dict)
+    """With budgets: other ways to read each pretraining, name -> flags on top of the fine-tuning flags, e.g.
+    {ld: {layer_decay: 0.75, lr: 0.01}, probe: {freeze_backbone: true, lr: 0.1}}. Every pretrained cell also runs each
+    on the same fine-tuning images (a probe spends fewer FLOPs, never more), and the report reads each objective at
+    its best (share, read-out) on validation."""
     joint: Optional[dict] = None
     """With budgets: flags of joint training (e.g. {aux: mae, aux_weight: 1.0}) on top of the fine-tuning flags. Every
     budget then also runs it from scratch (arm joint): the labelled batch plus the aux objective on every training
@@ -280,6 +285,8 @@ class Cell:
     """Labelled images the fine-tuning trains on (a semi-supervised one also draws its unlabeled images beside them)."""
     semi: bool = False
     joint: bool = False
+    readout: str = ""
+    """The read-out of the pretraining (a name in Study.readouts), or "" for the fine-tuning flags alone."""
 
     @property
     def family(self) -> str:
@@ -339,7 +346,7 @@ def budget_plan(study: Study) -> list[Cell]:
                              f"{fine_flops:.3g}). Raise the budget, or lower its unlabeled ratio.")  # fmt: skip
         return fine
 
-    scratch = [c for c in cells if c.objective is None]
+    scratch, pretrained = [c for c in cells if c.objective is None], [c for c in cells if c.objective is not None]
     if study.semi is not None:  # each cell again, fine-tuned semi-supervised on what fine-tuning's FLOPs buy it
         semi_flops = counted_flops(semi_argv(study), defaults=preset("finetune"))
         for cell in list(cells):
@@ -348,7 +355,8 @@ def budget_plan(study: Study) -> list[Cell]:
     if study.joint is not None:  # scratch's cells again, trained jointly with the aux objective
         joint_flops = counted_flops(joint_argv(study), defaults=preset("finetune"))
         cells += [replace(c, arm="joint", finetune_images=afforded(c, joint_flops, "joint training"), joint=True) for c in scratch]
-    return cells
+    # each pretraining read other ways, on the same fine-tuning images
+    return cells + [replace(c, arm=f"{c.arm}+{name}", readout=name) for c in pretrained for name in study.readouts]
 
 
 def check_semi(study: Study) -> None:
@@ -407,15 +415,16 @@ def run_budget_study(study: Study) -> list[dict]:
                 for cell in cells:
                     pre, fine = cell.pretrain_images, cell.finetune_images
                     init = ["--init", str(checkpoints[cell.objective, pre])] if cell.objective else []
-                    tuning = {**study.finetune, **(study.semi if cell.semi else {}), **(study.joint if cell.joint else {})}
+                    tuning = {**study.finetune, **(study.semi if cell.semi else {}), **(study.joint if cell.joint else {}),
+                              **study.readouts.get(cell.readout, {})}  # fmt: skip
                     argv = [*flags(study.base), *init, *flags(with_steps(tuning, finetune, fine // finetune["batch_size"])),
                             "--label_fraction", str(fraction), "--seed", str(seed), "--fewshot_steps", "0"]  # fmt: skip
                     run_dir = root / "runs" / f"finetune_{cell.arm}_images{pre + fine}_frac{fraction}_seed{seed}"
                     result = run_once(argv, run_dir, defaults=preset("finetune"))
-                    kind = "semi" if cell.semi else "joint" if cell.joint else "finetune"
+                    kind = "semi" if cell.semi else "joint" if cell.joint else f"readout {cell.readout}" if cell.readout else "finetune"
                     flops.setdefault(kind, flops_per_image(run_dir))
                     rows.append({"kind": "budget", "arm": cell.arm, "objective": cell.objective or "", "family": cell.family,
-                                 "share": cell.share, "budget": cell.budget, "label_fraction": fraction, "seed": seed,
+                                 "share": cell.share, "readout": cell.readout, "budget": cell.budget, "label_fraction": fraction, "seed": seed,
                                  "images": pre + fine, "pretrain_images": pre, "finetune_images": fine,
                                  "flops": fine * flops[kind] + (pre * flops[cell.objective] if cell.objective else 0),
                                  "top1": result.get("test/top1", result["val/top1"]), "val_top1": result["val/top1"],
@@ -531,10 +540,10 @@ def budget_summary(rows: list[dict]) -> list[str]:
             ahead = next((b for i, b in enumerate(measured) if all(gains[c][1][0] > 0 for c in measured[i:])), None)
             last = measured[-1]
             arm, (mean, ci) = gains[last]
-            share = next(r["share"] for r in cells if r["arm"] == arm)
+            share, readout = next((r["share"], r.get("readout")) for r in cells if r["arm"] == arm)
             seeds = len(set(by_seed(rows, arm, fraction, last)) & set(by_seed(rows, "scratch", fraction, last)))
             lines.append(f"| {fraction:g} | {objective} | {f'{ahead:,}' if ahead else 'not within the range'} | {last:,} | "
-                         f"{share:.0%} | {mean:+.2%} ± {ci:.2%}{' (excludes zero)' if abs(mean) > ci else ''} | {seeds} |")  # fmt: skip
+                         f"{share:.0%}{f' ({readout})' if readout else ''} | {mean:+.2%} ± {ci:.2%}{' (excludes zero)' if abs(mean) > ci else ''} | {seeds} |")  # fmt: skip
     return [*lines, "", *notes] if len(lines) > 5 else []
 
 

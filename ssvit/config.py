@@ -114,6 +114,9 @@ class TrainConfig:
     """SGD momentum (paper fine-tuning: 0.9)."""
     layer_decay: Optional[float] = None
     """Layer-wise lr decay for fine-tuning (timm's, e.g. 0.75: each block down gets 0.75x the lr)."""
+    freeze_backbone: bool = False
+    """Train the objective's own parameters only (with --objective supervised and --init: a linear probe); the
+    backbone keeps the weights it started with."""
     lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = 20
     max_grad_norm: Optional[float] = 1.0

@@ -97,6 +97,8 @@ def build_objective(run: RunConfig, num_classes: int) -> objectives.Objective:
     objective = objective_cls(backbone, num_classes, run.objective_options)
     if cfg.init:  # after the objective: what it initialises in the backbone (MAE's fixed positions) must not win
         objective.on_init(load_init(objective.backbone, cfg.init, cfg.init_checkpoint_key))
+    if cfg.freeze_backbone:  # no gradient, so no optimizer state nor weight decay (timm's groups skip it)
+        objective.backbone.requires_grad_(False)
     return objective
 
 

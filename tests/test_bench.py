@@ -67,11 +67,22 @@ def test_cost_counts_the_flops_of_the_imagenet_presets_and_labels_the_gpu_estima
     assert "ESTIMATED" in capsys.readouterr().out
 
 
-def test_lightly_s_mocov3_peer_does_the_same_work_as_ssvit_s(tmp_path):
+def test_lightly_s_mocov3_peer_does_the_same_work_as_ssvit_s():
     """The peer row is only a comparison if both steps count the same FLOPs (encoders, projector, predictor, keys)."""
     pytest.importorskip("lightly")
-    report = main(["--objective", "mocov3", "--peers", "lightly", "--model_kwargs", "{patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}",
-                   "--img_size", "16", "--batch_size", "8", "--windows", "1", "--precision", "fp32", "--out", str(tmp_path / "b.json")])  # fmt: skip
-    steps = report["results"]["fp32"]["steps"]
-    assert steps["lightly_mocov3"]["flops_per_image"] == pytest.approx(steps["ssvit_mocov3"]["flops_per_image"], rel=0.02)
-    assert report["results"]["fp32"]["ratios"]["mocov3_speedup_vs_lightly_mocov3"] > 0
+    from types import SimpleNamespace
+
+    import torch
+
+    from ssvit.bench import count_flops, lightly_mocov3
+    from ssvit.config import parse
+    from ssvit.train import build_objective, example_batch, inputs
+
+    kwargs = {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    args = SimpleNamespace(model="vit_tiny_patch16_224", model_kwargs=kwargs, img_size=16, batch_size=4)
+    peer, _ = lightly_mocov3(args, torch.device("cpu"))["lightly_mocov3"]
+    run = parse(["--objective", "mocov3", "--model_kwargs", str(kwargs), "--img_size", "16"])
+    ours, batch = build_objective(run, 10), example_batch(run, 4)
+    images, labels = torch.rand(4, 3, 16, 16), torch.zeros(4, dtype=torch.long)
+    flops = count_flops(lambda x, y: ours(*inputs(batch)).loss, images, labels, torch.device("cpu"), "fp32")
+    assert count_flops(peer, images, labels, torch.device("cpu"), "fp32") == pytest.approx(flops, rel=0.02)

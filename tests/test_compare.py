@@ -5,12 +5,14 @@ import json
 from typing import Optional
 
 import pytest
+import torch
+from safetensors.torch import load_file
 import yaml
 
 from ssvit.compare import budget_summary, confidence_interval, flops_per_image, main, paired_difference, saturation
 from ssvit.errors import UsageError
 
-from conftest import TINY_VIT
+from conftest import TINY_VIT, tiny_args
 
 
 def test_tiny_study_writes_table_and_plots_and_skips_finished_cells(tmp_path):
@@ -214,6 +216,42 @@ def test_the_joint_arm_trains_from_scratch_on_what_the_same_flops_buy():
     study.joint = {"aux": "supervised"}
     with pytest.raises(UsageError, match="joint training adds a self-supervised objective"):
         budget_plan(study)
+
+
+def test_read_outs_run_on_every_pretrained_cell_and_the_report_picks_the_best_on_validation(tmp_path):
+    """`readouts` read each pretraining other ways (here a linear probe: --freeze_backbone) on the same fine-tuning
+    images; the family is read at its best (share, read-out) on validation, which the summary names."""
+    from ssvit.compare import Study, budget_plan, budget_summary
+
+    model_kwargs = yaml.safe_load(TINY_VIT[TINY_VIT.index("--model_kwargs") + 1])
+    study = Study(output_dir="unused", budgets=[64], pretrain_shares=[0.5], objectives={"mae": {"mae.decoder_embed_dim": 16, "mae.decoder_num_heads": 2}},
+                  base={"model": "vit_tiny_patch16_224", "model_kwargs": model_kwargs, "img_size": 16, "data": "synthetic:300"},
+                  pretrain={"batch_size": 8}, finetune={"batch_size": 8}, readouts={"probe": {"freeze_backbone": True, "lr": 0.1}})  # fmt: skip
+    cells = {c.arm: c for c in budget_plan(study)}
+    assert set(cells) == {"scratch", "mae0.5", "mae0.5+probe"}
+    probe, plain = cells["mae0.5+probe"], cells["mae0.5"]
+    assert (probe.family, probe.readout, probe.finetune_images, probe.pretrain_images) == ("mae", "probe", plain.finetune_images, plain.pretrain_images)
+
+    def row(arm, seed, val, test):
+        return {"kind": "budget", "arm": arm, "family": "scratch" if arm == "scratch" else "mae", "share": 0.0 if arm == "scratch" else 0.5,
+                "readout": arm.partition("+")[2], "budget": 64, "label_fraction": 0.1, "seed": seed, "val_top1": val, "top1": test}  # fmt: skip
+
+    rows = [row("scratch", s, 0.2, 0.2) for s in (0, 1)] + [row("mae0.5", s, 0.25, 0.3) for s in (0, 1)]
+    rows += [row("mae0.5+probe", s, 0.3 + s / 100, 0.4) for s in (0, 1)]  # best on validation: its test gain is the one read
+    line = next(r for r in budget_summary(rows) if r.startswith("| 0.1 | mae"))
+    assert line.split("|")[5:7] == [" 50% (probe) ", " +20.00% ± 0.00% (excludes zero) "]
+
+
+def test_freeze_backbone_trains_the_head_only(tmp_path):
+    from ssvit.pretrain import main
+
+    pre = main(tiny_args(tmp_path / "pre", "--max_steps", "2", "--fewshot_steps", "0"))["checkpoint"]
+    main(tiny_args(tmp_path / "probe", "--init", pre, "--freeze_backbone", "--max_steps", "2", "--save_steps", "2",
+                   "--fewshot_steps", "0", "--lr", "0.1", objective="supervised"))  # fmt: skip
+    start = load_file(f"{pre}/model.safetensors")
+    end = load_file(tmp_path / "probe/run/checkpoints/step_000002/model.safetensors")
+    assert all(torch.equal(end[k], start[k]) for k in end if k.startswith("backbone."))
+    assert end["head.weight"].abs().sum() > 0  # the zero-initialised head trained
 
 
 def test_budget_study_refuses_a_split_that_is_not_whole_batches_before_any_run(tmp_path):

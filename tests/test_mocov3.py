@@ -92,10 +92,16 @@ def test_the_momentum_encoder_moves_once_per_optimizer_step_on_the_cosine_schedu
     assert calls == [1, 2, 3]  # 6 micro-steps, 3 optimizer steps
 
 
-def test_global_batch_norm_is_batch_norm_on_one_process():
+def test_the_synchronised_batch_norm_is_batch_norm_over_the_rows_it_sees():
+    """Its statistics, output, gradient and running statistics are BatchNorm1d's (on one process: its own rows)."""
     x = torch.randn(16, 8) * 3 + 1
     ours, torch_bn = GlobalBatchNorm1d(8), torch.nn.BatchNorm1d(8)
-    torch.testing.assert_close(ours(x), torch_bn(x))
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    weights = torch.randn(16, 8)
+    (ours.synchronised(a) * weights).sum().backward()
+    (torch_bn(b) * weights).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad)
+    torch.testing.assert_close(ours.synchronised(x), torch_bn(x))
     torch.testing.assert_close(ours.running_var, torch_bn.running_var)
     torch.testing.assert_close(ours.running_mean, torch_bn.running_mean)
 
