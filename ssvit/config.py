@@ -9,6 +9,7 @@ addressed as ``--masked_patch.mask_ratio 0.15`` or, in YAML, ``masked_patch: {ma
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -199,7 +200,7 @@ class RunConfig:
     aux_options: object = None
     """With --aux: that objective's options."""
 
-    @property
+    @functools.cached_property
     def objective_class(self) -> type:
         """The class that trains this run: --objective's, or with --aux the two trained jointly (objectives.base.joint)."""
         main = objectives.get(self.train.objective)

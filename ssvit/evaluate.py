@@ -58,7 +58,7 @@ def run_command(argv=None) -> dict:
     torch.manual_seed(0)  # a reproducible random initialisation for --random_init
     backbone = create_backbone(cfg.model, cfg.img_size, cfg.model_kwargs)
     if not args.random_init:
-        load_init(backbone, args.init, args.checkpoint_key)
+        load_init(backbone, args.init, args.checkpoint_key, "--checkpoint_key")
     splits = load_splits(cfg)
     rep = representation_for(trained_by, args.representation)
     result = {"checkpoint": "random initialisation" if args.random_init else str(args.init), "data": splits.description}

@@ -122,7 +122,8 @@ def read_state_dict(path: str | Path, header_only: bool = False) -> dict[str, to
         ) from None
 
 
-def released_prefix(checkpoint: str | Path, state: dict[str, torch.Tensor], key: Optional[str] = None) -> str:
+def released_prefix(checkpoint: str | Path, state: dict[str, torch.Tensor], key: Optional[str] = None,
+                    flag: str = "--checkpoint_key") -> str:
     """The key prefix of the backbone weights to read from an ssvit checkpoint: `key` (--checkpoint_key: a backbone
     the checkpoint holds, such as DINO's student "backbone" or MoCo v3's "momentum_backbone"), else the one its
     objective releases (released_prefix(): the trained backbone, or e.g. DINO's momentum teacher)."""
@@ -135,7 +136,8 @@ def released_prefix(checkpoint: str | Path, state: dict[str, torch.Tensor], key:
     if not any(k.startswith(prefix) for k in state):
         inner = {k.removeprefix(released) for k in state if k.startswith(released)}  # a backbone's own keys
         held = sorted({k.split(".")[0] for k in state if k.partition(".")[2] in inner})
-        raise UsageError(f"--checkpoint_key {key}: {checkpoint} has no backbone under it; its backbones are: {', '.join(held)}.")
+        fix = f"its backbones are: {', '.join(held)}" if held else f"it holds one backbone (an exported model): drop {flag}"
+        raise UsageError(f"{flag} {key}: {checkpoint} has no backbone under it; {fix}.")
     return prefix
 
 
@@ -225,7 +227,8 @@ def init_architecture(init: str) -> dict:
     return {k: saved[k] for k in ("model", "model_kwargs", "img_size", "data") if k in saved}
 
 
-def load_init(backbone: nn.Module, init: str, checkpoint_key: Optional[str] = None) -> dict[str, torch.Tensor]:
+def load_init(backbone: nn.Module, init: str, checkpoint_key: Optional[str] = None,
+              flag: str = "--init_checkpoint_key") -> dict[str, torch.Tensor]:
     """Load --init into the backbone: timm:<name> (timm's pretrained weights, needs internet) or a path (an ssvit
     checkpoint: the weights its objective releases, or the backbone checkpoint_key names). Returns the whole
     state dict it read (Objective.on_init takes what else it wants of it, such as a classifier's head)."""
@@ -233,7 +236,7 @@ def load_init(backbone: nn.Module, init: str, checkpoint_key: Optional[str] = No
         source, prefix = timm.create_model(init[5:], pretrained=True, num_classes=0).state_dict(), "backbone."
     else:
         source = read_state_dict(init)
-        prefix = released_prefix(init, source, checkpoint_key)
+        prefix = released_prefix(init, source, checkpoint_key, flag)
     load_backbone_weights(backbone, source, init, prefix)
     return source
 

@@ -330,3 +330,13 @@ def test_every_option_out_of_range_is_named_at_once_by_the_one_range_check(tmp_p
     with pytest.raises(UsageError) as e:
         main(tiny_args(tmp_path, "--batch_size", "0", "--momentum", "1.5"))
     assert str(e.value).splitlines() == ["--batch_size 0: must be a positive whole number.", "--momentum 1.5: must be in [0, 1)."]
+
+
+def test_init_checkpoint_key_on_an_exported_backbone_names_the_flag_and_the_fix(tmp_path):
+    """An exported folder holds one backbone, under no name: the flag is refused with what to do, not an empty list."""
+    from ssvit.export import main as export_main
+
+    pre = main(tiny_args(tmp_path / "pre", "--max_steps", "1", "--fewshot_steps", "0"))["checkpoint"]
+    export_main([pre, "--out", str(tmp_path / "exported")])
+    with pytest.raises(UsageError, match=r"--init_checkpoint_key teacher_backbone: .* holds one backbone .*: drop --init_checkpoint_key"):
+        main(tiny_args(tmp_path / "ft", "--init", str(tmp_path / "exported"), "--init_checkpoint_key", "teacher_backbone", objective="supervised"))
