@@ -116,3 +116,18 @@ def test_every_relative_link_and_image_of_the_docs_exists():
             if "://" not in target and not (page.parent / target).exists():
                 broken.append(f"{page.name} -> {target}")
     assert len(pages()) > 5 and broken == []
+
+
+def test_every_docs_table_has_a_header_separator_and_rows_of_its_width():
+    """A table cut short (a header with no separator, a row with a missing cell) renders as stray text."""
+    broken = []
+    for page in pages():
+        lines = page.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if not line.startswith("|") or (i and lines[i - 1].startswith("|")):
+                continue  # not the first line of a table
+            table = lines[i : i + next((k for k, row in enumerate(lines[i:]) if not row.startswith("|")), len(lines) - i)]
+            width = table[0].count("|")
+            if len(table) < 2 or not re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", table[1]) or any(r.count("|") != width for r in table):
+                broken.append(f"{page.name}:{i + 1}: {line[:50]}")
+    assert broken == []
