@@ -394,7 +394,7 @@ def end_to_end(args) -> dict:
     return {
         "objectives": rows, "precision": precision, "data": args.end_to_end, "model": args.model,
         "model_kwargs": args.model_kwargs, "img_size": args.img_size, "batch_size": args.batch_size,
-        "steps_per_window": args.logging_steps, "device": args.device, "cpu": _cpu_name(),
+        "steps_per_window": args.logging_steps, "dataloader_num_workers": args.dataloader_num_workers, "device": args.device, "cpu": _cpu_name(),
         "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
 
@@ -421,7 +421,8 @@ def end_to_end_row(args, device, precision: str, objective: str) -> dict:
                      "--img_size", str(args.img_size), "--batch_size", str(args.batch_size), "--data", args.end_to_end,
                      "--max_steps", str(steps), "--warmup_steps", str(steps // 10), "--logging_steps", str(args.logging_steps),
                      "--eval_steps", str(10**9), "--fewshot_steps", "0", "--save_steps", str(10**9), "--report_to", "[]",
-                     "--mixed_precision", "bf16" if precision == "bf16" else "no", "--output_dir", f"{tmp}/run"]))  # fmt: skip
+                     "--mixed_precision", "bf16" if precision == "bf16" else "no", "--output_dir", f"{tmp}/run",
+                     *([] if args.dataloader_num_workers is None else ["--dataloader_num_workers", str(args.dataloader_num_workers)])]))  # fmt: skip
         windows = [json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
         rates = [w["train/images_per_s"] for w in windows if "train/images_per_s" in w][1:]
         wait = [w["train/data_wait_fraction"] for w in windows if "train/data_wait_fraction" in w][1:]
@@ -659,6 +660,9 @@ def run_command(argv=None) -> dict:
     p.add_argument("--end_to_end", default=None, metavar="DATA",
                    help="time a real pretrain.py run on DATA (a --data value, e.g. parquet:/data/cifar10) against the bare step")
     p.add_argument("--logging_steps", type=int, default=10, help="with --end_to_end: steps per timed window")
+    p.add_argument("--dataloader_num_workers", type=Optional[int], default=None,
+                   help="with --end_to_end: the run's loader workers (default: training's; 0 augments in the training "
+                        "process, so the augmentation's own cost shows as waiting for data)")
     p.add_argument("--cost", action="store_true", help="FLOPs and estimated GPU-hours of the ImageNet presets")
     p.add_argument("--assumed_mfu", type=float, default=0.4, help="with --cost: the MFU the GPU estimate assumes")
     p.add_argument("--gpu_peak", type=float, default=989e12, help="with --cost: dense bf16 FLOP/s of one GPU")

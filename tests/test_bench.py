@@ -42,12 +42,17 @@ def test_pipeline_benchmark_reports_every_row_and_the_ratios(tmp_path):
                                      "ssvit_shards_vs_pillow_decode_only_shards", "ssvit_streaming_vs_ssvit_shards"}  # fmt: skip
 
 
-def test_end_to_end_compares_a_real_pretraining_run_with_the_bare_step_for_every_objective(tmp_path):
+def test_end_to_end_compares_a_real_pretraining_run_with_the_bare_step_for_every_objective(tmp_path, monkeypatch):
+    import ssvit.train
+
+    workers, loader_workers = [], ssvit.train.loader_workers
+    monkeypatch.setattr(ssvit.train, "loader_workers", lambda cfg, splits: workers.append(cfg.dataloader_num_workers) or loader_workers(cfg, splits))
     report = main(["--model_kwargs", "{patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}", "--img_size", "16",
                    "--batch_size", "16", "--windows", "2", "--logging_steps", "3", "--precision", "fp32",
-                   "--objective", "masked_patch", "fixmatch",
+                   "--objective", "masked_patch", "fixmatch", "--dataloader_num_workers", "0",
                    "--end_to_end", "synthetic:400", "--out", str(tmp_path / "e2e.json")])  # fmt: skip
     assert json.loads((tmp_path / "e2e.json").read_text()) == report
+    assert workers == [0, 0] and report["dataloader_num_workers"] == 0  # the runs augment in the training process
     assert set(report["objectives"]) == {"masked_patch", "fixmatch"}
     for row in report["objectives"].values():
         assert row["bare_step_images_per_s"] > 0 and row["pretrain_run_images_per_s"] > 0 and row["windows"] == 2
