@@ -50,10 +50,11 @@ def test_targets_and_corruption_rate_from_configuration(tmp_path, target):
 
 
 def test_supervised_vit_learns_on_synthetic_data(tmp_path):
-    result = main(tiny_args(tmp_path, "--max_steps", "300", "--warmup_steps", "10", "--crop_scale", "[0.8, 1.0]",
+    result = main(tiny_args(tmp_path, "--max_steps", "200", "--warmup_steps", "10", "--crop_scale", "[0.8, 1.0]",
                             "--data", "synthetic:2000", "--batch_size", "32", "--fewshot_steps", "0",
-                            "--eval_steps", "300", "--eval_batches", "null", objective="supervised"))  # fmt: skip
-    assert result["val/top1"] > 0.2  # 10 classes: chance is 0.1 (this run reached 0.355 when written)
+                            "--eval_steps", "200", "--eval_batches", "null", objective="supervised"))  # fmt: skip
+    # 10 classes: chance is 0.1. This run reached 0.345 when written (150 steps: 0.235, 300: 0.455).
+    assert result["val/top1"] > 0.2
 
 
 def test_supervised_bit_and_sigmoid_loss_and_ema(tmp_path):
