@@ -14,10 +14,11 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
+from einops import rearrange
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
@@ -505,7 +506,8 @@ class Photometric:
     """The photometric part of a multi-crop view (DINO's DataAugmentationDINO, Caron et al., 2021, main_dino.py,
     after BYOL): colour jitter (brightness, contrast, saturation, hue, in a random order) with probability
     jitter_prob, grayscale, Gaussian blur with sigma uniform in blur_sigma, solarisation, each drawn as torchvision's
-    ColorJitter, RandomGrayscale, GaussianBlur and RandomSolarize draw them, but from the item's own RNG, on uint8."""
+    ColorJitter, RandomGrayscale, GaussianBlur and RandomSolarize draw them, but from the item's own RNG, on uint8.
+    Drawing (`draw`, per item) is apart from applying (`photometric`, per batch: Crops, collate)."""
 
     jitter: tuple = (0.4, 0.4, 0.2, 0.1)
     jitter_prob: float = 0.8
@@ -514,24 +516,74 @@ class Photometric:
     blur_sigma: tuple = (0.1, 2.0)
     solarize_prob: float = 0.0
 
-    def __call__(self, image: torch.Tensor, rng: random.Random) -> torch.Tensor:
-        f = v2.functional
+    def draw(self, rng: random.Random) -> PhotometricDraw:
+        """One crop's parameters, drawn in the order torchvision's transforms draw them."""
+        jitter = None
         if rng.random() < self.jitter_prob:
             b, c, s, h = self.jitter
-            factors = [rng.uniform(max(0, 1 - b), 1 + b), rng.uniform(max(0, 1 - c), 1 + c), rng.uniform(max(0, 1 - s), 1 + s),
-                       rng.uniform(-h, h)]  # fmt: skip
-            ops = (f.adjust_brightness, f.adjust_contrast, f.adjust_saturation, f.adjust_hue)
-            for i in rng.sample(range(4), 4):  # ColorJitter applies the four in a random order
-                image = ops[i](image, factors[i])
-        if rng.random() < self.grayscale_prob:
-            image = f.rgb_to_grayscale(image, num_output_channels=3)
-        if rng.random() < self.blur_prob:
-            sigma = rng.uniform(*self.blur_sigma)
-            k = min(2 * math.ceil(3 * sigma) + 1, 2 * ((min(image.shape[-2:]) - 1) // 2) + 1)  # reflect padding < side
-            image = f.gaussian_blur(image, [k, k], [sigma, sigma])
-        if rng.random() < self.solarize_prob:
-            image = f.solarize(image, 128)
-        return image
+            factors = (rng.uniform(max(0, 1 - b), 1 + b), rng.uniform(max(0, 1 - c), 1 + c), rng.uniform(max(0, 1 - s), 1 + s),
+                       rng.uniform(-h, h))  # fmt: skip
+            jitter = (factors, tuple(rng.sample(range(4), 4)))  # ColorJitter applies the four in a random order
+        grayscale = rng.random() < self.grayscale_prob
+        sigma = rng.uniform(*self.blur_sigma) if rng.random() < self.blur_prob else None
+        return PhotometricDraw(jitter, grayscale, sigma, rng.random() < self.solarize_prob)
+
+    def __call__(self, image: torch.Tensor, rng: random.Random) -> torch.Tensor:
+        return photometric(image[None], [self.draw(rng)])[0]
+
+
+class PhotometricDraw(NamedTuple):
+    jitter: Optional[tuple]  # (brightness, contrast, saturation, hue factors), the order of the four ops
+    grayscale: bool
+    sigma: Optional[float]  # of the blur, None for no blur
+    solarize: bool
+
+
+def photometric(images: torch.Tensor, draws: list[PhotometricDraw]) -> torch.Tensor:
+    """uint8 crops (N, 3, H, W), one draw each, transformed as torchvision.transforms.v2.functional would one by one
+    (tested equal, bit for bit): the same float32 operations, with a factor per crop instead of one per call."""
+    # the helpers of adjust_hue and gaussian_blur, which take one factor per call: the tests pin the result to those
+    from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
+    from torchvision.transforms.v2.functional._misc import _get_gaussian_kernel2d
+
+    f, images = v2.functional, images.clone()
+
+    def factor(values, shape=(-1, 1, 1, 1)):  # float32 as the kernels cast a Python float
+        return torch.tensor(values, dtype=torch.float32).view(shape)
+
+    def blend(image, other, ratio):  # torchvision's _blend: image * r + other * (1 - r), with 1 - r in double
+        out = torch.addcmul(image.mul(factor(ratio)), other, factor([1.0 - r for r in ratio]))
+        return out.clamp_(0, 255).to(torch.uint8)
+
+    def hue(x, shift):  # adjust_hue: through HSV in float32
+        h, s, v = _rgb_to_hsv(f.to_dtype(x, torch.float32, scale=True)).unbind(-3)
+        h.add_(factor(shift, (-1, 1, 1))).remainder_(1.0)
+        return f.to_dtype(_hsv_to_rgb(torch.stack((h, s, v), -3)), torch.uint8, scale=True)
+
+    ops = (lambda x, r: x.mul(factor(r)).clamp_(0, 255).to(torch.uint8),  # brightness
+           lambda x, r: blend(x, f.rgb_to_grayscale(x).float().mean((-3, -2, -1), keepdim=True), r),  # contrast
+           lambda x, r: blend(x, f.rgb_to_grayscale(x).float(), r),  # saturation
+           hue)  # fmt: skip
+    for position in range(4):
+        for op in range(4):
+            chosen = [n for n, d in enumerate(draws) if d.jitter and d.jitter[1][position] == op]
+            if chosen:
+                images[chosen] = ops[op](images[chosen], [draws[n].jitter[0][op] for n in chosen])
+    gray = [n for n, d in enumerate(draws) if d.grayscale]
+    if gray:
+        images[gray] = f.rgb_to_grayscale(images[gray], num_output_channels=3)
+    side = min(images.shape[-2:])
+    sizes = {n: min(2 * math.ceil(3 * d.sigma) + 1, 2 * ((side - 1) // 2) + 1) for n, d in enumerate(draws) if d.sigma is not None}
+    for k in set(sizes.values()):  # gaussian_blur's kernel for each crop's sigma, the crops of one size in one conv
+        blurred = [n for n, size in sizes.items() if size == k]
+        kernels = torch.cat([_get_gaussian_kernel2d([k, k], [draws[n].sigma] * 2, torch.float32, images.device).expand(3, 1, k, k) for n in blurred])
+        x = torch.nn.functional.pad(rearrange(images[blurred].float(), "n c h w -> 1 (n c) h w"), [k // 2] * 4, mode="reflect")
+        x = torch.nn.functional.conv2d(x, kernels, groups=len(kernels)).round_().to(torch.uint8)
+        images[blurred] = rearrange(x, "1 (n c) h w -> n c h w", c=3)
+    solar = [n for n, d in enumerate(draws) if d.solarize]
+    if solar:
+        images[solar] = f.solarize(images[solar], 128)
+    return images
 
 
 @dataclass(frozen=True)
@@ -581,21 +633,37 @@ class Views:
 
     views: tuple
 
-    def __call__(self, image: torch.Tensor, rng: Optional[random.Random] = None) -> list[torch.Tensor]:
+    def __call__(self, image: torch.Tensor, rng: Optional[random.Random] = None) -> Crops:
         rng = rng or random.Random(int(torch.randint(0, 2**62, (1,))))
-        out = []
+        crops, pending = [], []
         for view in self.views:
             crop = Augmentation(view.size, tuple(view.scale), hflip=view.hflip, interpolation=view.interpolation)(image, rng)
-            out.append(view.photometric(crop, rng) if view.photometric else crop)
-        return out
+            batched = isinstance(view.photometric, Photometric)  # drawn now, in turn; applied to the batch by collate
+            pending.append(view.photometric.draw(rng) if batched else None)
+            crops.append(view.photometric(crop, rng) if view.photometric and not batched else crop)
+        return Crops(crops, pending)
 
-    def decode(self, data: bytes, rng: random.Random) -> list[torch.Tensor]:
+    def decode(self, data: bytes, rng: random.Random) -> Crops:
         """The crops from encoded bytes: several boxes of the whole image, which is decoded once."""
         return self(pil_decode(data).permute(2, 0, 1), rng)
 
     def example(self, batch: int) -> list[torch.Tensor]:
         """Random float images in [0, 1] shaped as a batch of these views (FLOPs counting, benchmarks)."""
         return [torch.rand(batch, 3, v.size, v.size) for v in self.views]
+
+
+class Crops(list):
+    """An item's views: uint8 crops, one per view, with their photometric augmentations drawn (`pending`: a
+    PhotometricDraw or None per crop) but applied by `collate` to the whole batch, one call per view, in the loader's
+    worker: on 12-32 px crops each op costs its call, not its pixels (docs/performance.md). `finished()` applies them
+    to this item alone: the same pixels (tested)."""
+
+    def __init__(self, crops: list[torch.Tensor], pending: list[Optional[PhotometricDraw]]):
+        super().__init__(crops)
+        self.pending = pending
+
+    def finished(self) -> list[torch.Tensor]:
+        return [crop if draw is None else photometric(crop[None], [draw])[0] for crop, draw in zip(self, self.pending)]
 
 
 def item_rng(seed: int, epoch: int, index: int) -> random.Random:
@@ -782,12 +850,18 @@ class HFImages(ImageDataset):
 
 
 def collate(batch: list[dict]) -> dict:
-    """torch's default_collate, except that images keep their memory layout. decode_crop's come out channels-last
+    """torch's default_collate, except that views' photometric augmentations are applied here (Crops) and images
+    keep their memory layout. decode_crop's come out channels-last
     (height, width, channel in memory, as libjpeg and the resize write them): stacked into a contiguous
     (N, C, H, W) batch each would be transposed (0.1 ms at 224 px); stacked as (N, H, W, C) they are copied, and
     the batch is their channels-last (N, C, H, W) view, which the loop makes contiguous on the device."""
     from torch.utils.data import default_collate
 
+    if isinstance(batch[0]["image"], Crops):  # views, their photometric augmentations applied here, view by view
+        out = default_collate([{**item, "image": list(item["image"])} for item in batch])
+        pending = [item["image"].pending for item in batch]
+        out["image"] = [crops if pending[0][v] is None else photometric(crops, [p[v] for p in pending]) for v, crops in enumerate(out["image"])]
+        return out
     if isinstance(batch[0]["image"], list) or batch[0]["image"].stride(0) != 1:  # views, or (C, H, W) in memory
         return default_collate(batch)
     out = default_collate([{**item, "image": item["image"].permute(1, 2, 0)} for item in batch])

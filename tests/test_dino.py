@@ -8,9 +8,10 @@ import random
 import pytest
 import torch
 from safetensors.torch import load_file
+from torchvision.transforms import v2
 
 from ssvit.config import TrainConfig, parse
-from ssvit.data import Photometric, load_splits
+from ssvit.data import Augmentation, Photometric, View, Views, collate, load_splits, photometric
 from ssvit.errors import CollapseError, UsageError
 from ssvit.export import main as export_main
 from ssvit.objectives.base import Progress
@@ -70,6 +71,53 @@ def test_photometric_augmentation_does_what_it_names():
     assert torch.equal(solar, torch.where(image >= 128, 255 - image, image))
     blurred = Photometric(jitter_prob=0, grayscale_prob=0, blur_prob=1, blur_sigma=(2.0, 2.0))(image, rng)
     assert blurred.float().std() < image.float().std() / 2
+
+
+def one_at_a_time(image: torch.Tensor, draw) -> torch.Tensor:
+    """A draw applied by torchvision's public functions, one crop and one op per call."""
+    f = v2.functional
+    if draw.jitter:
+        factors, order = draw.jitter
+        for i in order:
+            image = (f.adjust_brightness, f.adjust_contrast, f.adjust_saturation, f.adjust_hue)[i](image, factors[i])
+    if draw.grayscale:
+        image = f.rgb_to_grayscale(image, num_output_channels=3)
+    if draw.sigma is not None:
+        k = min(2 * math.ceil(3 * draw.sigma) + 1, 2 * ((min(image.shape[-2:]) - 1) // 2) + 1)
+        image = f.gaussian_blur(image, [k, k], [draw.sigma, draw.sigma])
+    return f.solarize(image, 128) if draw.solarize else image
+
+
+@pytest.mark.parametrize("size", [12, 32])
+def test_photometric_on_a_batch_of_crops_is_torchvision_one_crop_at_a_time_bit_for_bit(size):
+    rng, aug = random.Random(size), Photometric(jitter_prob=0.9, grayscale_prob=0.3, blur_prob=0.5, solarize_prob=0.3)
+    images = torch.randint(0, 256, (64, 3, size, size), dtype=torch.uint8)
+    draws = [aug.draw(rng) for _ in images]
+    assert len({d.jitter[1] for d in draws if d.jitter}) > 10 and sum(d.sigma is not None for d in draws) > 10
+    batched = photometric(images, draws)
+    assert all(torch.equal(b, one_at_a_time(x, d)) for b, x, d in zip(batched, images, draws))
+
+
+def test_views_draw_each_crop_then_its_photometric_in_turn_and_apply_them_by_size():
+    """The RNG is read in the order of DINO's per-view transforms (crop, then its photometric draws), as it always
+    was, so a run's crops are the ones drawn one view at a time."""
+    views = Views(tuple(View(s, (0.2, 1.0), Photometric(blur_prob=0.5, solarize_prob=0.2)) for s in (16, 16, 8, 8, 8)))
+    image = torch.randint(0, 256, (3, 24, 24), dtype=torch.uint8)
+    rng, expected = random.Random(7), []
+    for view in views.views:
+        crop = Augmentation(view.size, view.scale, hflip=view.hflip, interpolation=view.interpolation)(image, rng)
+        expected.append(one_at_a_time(crop, view.photometric.draw(rng)))
+    assert all(torch.equal(a, b) for a, b in zip(views(image, random.Random(7)).finished(), expected))
+
+
+def test_collate_applies_each_views_photometric_to_the_batch_as_to_each_item_alone():
+    views = DINO.views(TrainConfig(objective="dino", img_size=32, model_kwargs={"patch_size": 4}), DINO.Options())
+    items = [{"image": views(torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8), random.Random(i)), "label": i} for i in range(16)]
+    assert all(any(d is not None for d in item["image"].pending) for item in items)  # pending until collated
+    batch = collate(items)
+    assert batch["label"].tolist() == list(range(16)) and len(batch["image"]) == len(views.views)
+    for v, crops in enumerate(batch["image"]):
+        assert all(torch.equal(crops[i], item["image"].finished()[v]) for i, item in enumerate(items))
 
 
 def test_the_loss_pairs_each_teacher_view_with_every_other_student_view():
