@@ -92,6 +92,30 @@ def test_the_threshold_masks_the_unlabeled_loss():
     torch.testing.assert_close(out.loss, out.logs["loss_x"] + out.logs["loss_u"])
 
 
+def test_the_self_adaptive_threshold_starts_at_one_over_c_and_moves_once_per_optimizer_step():
+    """FreeMatch (section 3.2): tau = EMA of the mean confidence, from 1/C; per class tau * p~(c) / max p~, with p~ the
+    EMA of the mean probabilities; forward reads them, the optimizer step moves them, over all micro-batches."""
+    run, objective = model("--fixmatch.thresholding", "self_adaptive", "--fixmatch.ema_p", "0.9")
+    assert objective.time_p == pytest.approx(0.1) and torch.allclose(objective.p_model, torch.full((10,), 0.1))
+    batches = [example_batch(run, 4) for _ in range(2)]
+    outs = [objective(*inputs(b)) for b in batches]
+    assert all(out.logs["mask"] == 1 and out.logs["threshold"] == pytest.approx(0.1) for out in outs)  # max prob >= 1/C
+    assert objective.time_p == pytest.approx(0.1)  # forward changed nothing
+    for out in outs:
+        objective.on_train_step(out)
+    objective.on_optimizer_step(Progress(1, 10, 10, None))
+    with torch.no_grad():
+        probs = torch.softmax(objective.logits(torch.cat([b["unlabeled"][0] for b in batches])), -1)
+    torch.testing.assert_close(objective.time_p, 0.9 * 0.1 + 0.1 * probs.max(-1).values.mean())
+    torch.testing.assert_close(objective.p_model, 0.9 * 0.1 + 0.1 * probs.mean(0))
+    objective.time_p.fill_(0.8)
+    objective.p_model.copy_(torch.linspace(0.05, 0.5, 10))  # the last class the likeliest: its threshold 0.8, the first's 0.08
+    out = objective(*inputs(batches[0]))
+    confidence, pseudo = torch.softmax(objective.logits(batches[0]["unlabeled"][0]), -1).max(-1)
+    assert torch.equal(out.extras["mask"], (confidence >= 0.8 * objective.p_model[pseudo] / 0.5).float())
+    assert 0 < out.logs["mask"] < 1
+
+
 def test_the_ema_teacher_moves_once_per_optimizer_step(tmp_path, monkeypatch):
     from ssvit.objectives.fixmatch import FixMatch
 
@@ -127,13 +151,15 @@ def test_flops_count_the_unlabeled_images_and_the_teacher():
 
 def test_one_process_and_two_train_the_same_weights(tmp_path):
     common = ["--max_steps", "3", "--save_steps", "3", "--eval_steps", "3", "--eval_batches", "1", "--fixmatch.threshold", "0",
-              "--fixmatch.teacher", "ema", "--fixmatch.ema_momentum", "0.5"]  # fmt: skip
+              "--fixmatch.teacher", "ema", "--fixmatch.ema_momentum", "0.5", "--fixmatch.thresholding", "self_adaptive",
+              "--fixmatch.ema_p", "0.5"]  # fmt: skip
     main(fixmatch_args(tmp_path / "one", *common))
     launch("ssvit/pretrain.py", *fixmatch_args(tmp_path / "two", *common))
     assert json.loads((tmp_path / "two/run/results.json").read_text())["num_processes"] == 2
     one = load_file(tmp_path / "one/run/checkpoints/step_000003/model.safetensors")
     two = load_file(tmp_path / "two/run/checkpoints/step_000003/model.safetensors")
-    assert set(one) == set(two) and any(k.startswith("teacher.") for k in one)
+    assert set(one) == set(two) and any(k.startswith("teacher.") for k in one) and {"time_p", "p_model"} <= set(one)
+    assert one["time_p"] != 0.1  # the averages moved, over the global batch in both
     for key in one:
         torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-5, msg=key)
 
@@ -150,6 +176,8 @@ def test_fine_tunes_from_a_checkpoint_and_logs_the_mask(tmp_path):
     (["--fixmatch.mu", "0"], "--fixmatch.mu 0: must be 1 or more"),
     (["--fixmatch.threshold", "1.5"], "--fixmatch.threshold 1.5: must be in \\[0, 1\\]"),
     (["--fixmatch.ema_momentum", "1"], "--fixmatch.ema_momentum 1.0: must be in \\[0, 1\\)"),
+    (["--fixmatch.ema_p", "1"], "--fixmatch.ema_p 1.0: must be in \\[0, 1\\)"),
+    (["--fixmatch.thresholding", "adaptive"], "fixmatch.thresholding.*self_adaptive.*Got value: adaptive"),
     (["--fixmatch.mu", "40"], "40 x --batch_size 16 unlabeled images per step is more than the 540 training images"),
     (["--streaming"], "draws a second, unlabeled stream of images, which --streaming does not provide"),
     (["--fixmatch.loss", "sigmoid"], "--fixmatch.loss sigmoid: must be softmax"),
