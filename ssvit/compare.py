@@ -143,15 +143,28 @@ def run_once(argv: list[str], output_dir: Path, defaults: Optional[dict] = None)
     saved = output_dir / "config.yaml"
     if saved.exists():
         old, new = yaml.safe_load(saved.read_text()), yaml.safe_load(run.dump())
-        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k != "resume")
+        changed = [c for c in changed_settings(old, new, yaml.safe_load(parse([]).dump())) if c[0] != "resume"]
         if changed:
-            diff = "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in changed[:5])
+            diff = "; ".join(f"{k}: {was!r} there, {now!r} now" for k, was, now in changed[:5])
             raise UsageError(f"{output_dir} was made with other settings ({diff}). The study reuses finished runs by "
                              f"name: delete that folder to run it with the new settings, or give the study another output_dir.")  # fmt: skip
     done = output_dir / "results.json"
     if done.exists():
         return json.loads(done.read_text())
     return train(run)
+
+
+def changed_settings(old: dict, new: dict, default: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, saved value, value now) of each setting that differs, nested options key by key. A setting the
+    saved run does not record was added to ssvit after it was made, and the run ran as its default does."""
+    out = []
+    for key in sorted(old.keys() | new.keys()):
+        was, now, dflt = old.get(key, default.get(key)), new.get(key), default.get(key)
+        if isinstance(was, dict) and isinstance(now, dict):
+            out += changed_settings(was, now, dflt if isinstance(dflt, dict) else {}, f"{prefix}{key}.")
+        elif was != now:
+            out.append((prefix + key, was, now))
+    return out
 
 
 def flops_per_image(run_dir: Path) -> float:

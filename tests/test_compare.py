@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 import yaml
 
-from ssvit.compare import budget_summary, confidence_interval, flops_per_image, main, paired_difference, saturation
+from ssvit.compare import budget_summary, confidence_interval, flops_per_image, main, paired_difference, run_once, saturation
 from ssvit.errors import UsageError
 
 from conftest import TINY_VIT, tiny_args
@@ -335,3 +335,19 @@ def test_semi_supervised_flags_are_refused_where_they_would_be_ignored_or_meanin
         with pytest.raises(UsageError, match=f"semi: objective {name} does not fine-tune on labelled and unlabeled images"):
             main(["--config", str(config)])
     assert not (tmp_path / "study").exists()
+
+
+def test_a_run_saved_before_a_setting_existed_is_reused_while_that_setting_has_its_default(tmp_path):
+    """A setting added to ssvit after a study's run was saved (absent from its config.yaml) ran as its default does:
+    the study resumes after an upgrade. The same setting away from its default is a change, named by its path."""
+    argv = tiny_args(tmp_path, "--max_steps", "2", "--fewshot_steps", "0")
+    first = run_once(argv, tmp_path / "run")
+    saved = tmp_path / "run/config.yaml"
+    config = yaml.safe_load(saved.read_text())
+    del config["fixmatch"]["thresholding"], config["hflip"]  # as a run saved before these options existed
+    saved.write_text(yaml.safe_dump(config))
+    assert run_once(argv, tmp_path / "run") == first
+    with pytest.raises(UsageError, match=r"other settings \(fixmatch\.thresholding: 'fixed' there, 'self_adaptive' now\)"):
+        run_once([*argv, "--fixmatch.thresholding", "self_adaptive"], tmp_path / "run")
+    with pytest.raises(UsageError, match=r"other settings \(lr: .* there, 0\.5 now\)"):
+        run_once([*argv, "--lr", "0.5"], tmp_path / "run")
