@@ -596,6 +596,7 @@ def write_budget_report(rows: list[dict], root: Path) -> None:
         lines.append(f"| {arm} | {fraction:g} | {budget:,} | {r['pretrain_images']:,} + {fine:,} | {flops:.3g} | {mean:.2%}{spread} | "
                      f"{statistics.mean(by_seed(rows, arm, fraction, budget, 'val_top1').values()):.2%} | {gains[0]} | {gains[1]} | {len(top1)} |")  # fmt: skip
         label = arm if not r["objective"] else f"{r['family']}, {r['share']:.0%} of the budget pretraining"
+        label += f", {r['readout']}" if r.get("readout") else ""  # a read-out is its own curve, not a point of the share's
         curves.setdefault((label, fraction), []).append((flops, mean, 0 if math.isnan(ci) else ci))
     for (label, fraction), points in curves.items():
         xs, ys, cis = zip(*points)

@@ -242,6 +242,24 @@ def test_read_outs_run_on_every_pretrained_cell_and_the_report_picks_the_best_on
     assert line.split("|")[5:7] == [" 50% (probe) ", " +20.00% ± 0.00% (excludes zero) "]
 
 
+def test_the_figure_draws_each_read_out_as_its_own_curve(tmp_path, monkeypatch):
+    """A read-out is another way of reading the same pretraining, not another point of its curve: joined by one line,
+    a probe (fewer FLOPs: no backward through the backbone) and a fine-tuning drew a slope no budget made."""
+    import matplotlib.axes
+
+    from ssvit.compare import write_budget_report
+
+    drawn = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", lambda self, xs, ys, label=None, **kw: drawn.append((label, len(xs))))
+    rows = [{"kind": "budget", "arm": arm, "objective": "" if arm == "scratch" else "mae", "family": "scratch" if arm == "scratch" else "mae",
+             "share": 0.0 if arm == "scratch" else 0.5, "readout": arm.partition("+")[2], "budget": budget, "label_fraction": 0.1,
+             "seed": seed, "val_top1": 0.3, "top1": 0.3 + seed / 100, "flops": budget * (0.7 if "probe" in arm else 1.0), "split": "test",
+             "pretrain_images": 0 if arm == "scratch" else budget, "finetune_images": budget}
+            for arm in ("scratch", "mae0.5", "mae0.5+probe") for budget in (64, 128) for seed in (0, 1)]  # fmt: skip
+    write_budget_report(rows, tmp_path)
+    assert sorted(drawn) == [("mae, 50% of the budget pretraining", 2), ("mae, 50% of the budget pretraining, probe", 2), ("scratch", 2)]
+
+
 def test_freeze_backbone_trains_the_head_only(tmp_path):
     from ssvit.pretrain import main
 
