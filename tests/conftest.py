@@ -12,6 +12,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10" / "train.parquet"
 IMAGENET_SAMPLE = ROOT.parent / "shared" / "data" / "imagenet-sample"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share the cores: a test that trains in-process with torch's
+    import torch  # default threads spun against the other worker's (a 2 s test took 26 s in the suite)
+
+    torch.set_num_threads(1)
+
 # A ViT small enough for 2 CPU cores: 16px images, 4px patches (16 tokens), 2 blocks of width 32.
 TINY_VIT = ["--model", "vit_tiny_patch16_224", "--img_size", "16",
             "--model_kwargs", "{patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}"]  # fmt: skip
