@@ -65,6 +65,11 @@ class Study:
     fine-tuning flags. Every budget then also runs it from scratch (arm semi, the honest competitor of pretraining) and
     from each pretraining (arms <objective><share>+semi), at the same FLOPs: its unlabeled images and any teacher's
     forward are counted, so it fine-tunes on fewer labelled images."""
+    semi_after_finetune: Optional[float] = None
+    """With semi: also run Semi-ViT's order (arXiv 2208.05688, section 3.1): supervised fine-tuning on this share of a
+    cell's fine-tuning FLOPs first, then semi-supervised fine-tuning from that classifier (its head kept, the EMA teacher
+    starting from it, so pseudo-labels start confident) on the rest; arms ft+semi and <objective><share>+ft+semi, read
+    beside semi and <objective>+semi as another read-out ("ft first")."""
     readouts: dict = field(default_factory=dict)
     """With budgets: other ways to read each pretraining, name -> flags on top of the fine-tuning flags, e.g.
     {ld: {layer_decay: 0.75, lr: 0.01}, probe: {freeze_backbone: true, lr: 0.1}}. Every pretrained cell also runs each
@@ -298,6 +303,8 @@ class Cell:
     """Labelled images the fine-tuning trains on (a semi-supervised one also draws its unlabeled images beside them)."""
     semi: bool = False
     joint: bool = False
+    supervised_images: int = 0
+    """Labelled images of a supervised fine-tuning that runs before the semi-supervised one (Semi-ViT's order)."""
     readout: str = ""
     """The read-out of the pretraining (a name in Study.readouts), or "" for the fine-tuning flags alone."""
 
@@ -365,6 +372,15 @@ def budget_plan(study: Study) -> list[Cell]:
         for cell in list(cells):
             arm = "semi" if cell.objective is None else f"{cell.arm}+semi"
             cells.append(replace(cell, arm=arm, finetune_images=afforded(cell, semi_flops, "semi-supervised fine-tuning"), semi=True))
+            if study.semi_after_finetune is not None:  # Semi-ViT's order: the supervised share first, in whole batches
+                first = round(study.semi_after_finetune * cell.finetune_images / finetune["batch_size"]) * finetune["batch_size"]
+                if not 0 < first < cell.finetune_images:
+                    raise UsageError(f"semi_after_finetune: {study.semi_after_finetune} of the {cell.finetune_images:,} fine-tuning "
+                                     f"images of {cell.arm} at budget {cell.budget:,} leaves no whole batch of {finetune['batch_size']} "
+                                     f"to one of the two fine-tunings. Give a share between 0 and 1 that does, or a larger budget.")  # fmt: skip
+                rest = replace(cell, finetune_images=cell.finetune_images - first)
+                cells.append(replace(cell, arm=arm.replace("semi", "ft+semi"), semi=True, supervised_images=first, readout="ft first",
+                                     finetune_images=afforded(rest, semi_flops, "semi-supervised fine-tuning after fine-tuning")))  # fmt: skip
     if study.joint is not None:  # scratch's cells again, trained jointly with the aux objective
         joint_flops = counted_flops(joint_argv(study), defaults=preset("finetune"))
         cells += [replace(c, arm="joint", finetune_images=afforded(c, joint_flops, "joint training"), joint=True) for c in scratch]
@@ -426,20 +442,26 @@ def run_budget_study(study: Study) -> list[dict]:
         for seed in study.seeds:
             for fraction in study.label_fractions:
                 for cell in cells:
-                    pre, fine = cell.pretrain_images, cell.finetune_images
+                    pre, first, fine = cell.pretrain_images, cell.supervised_images, cell.finetune_images
                     init = ["--init", str(checkpoints[cell.objective, pre])] if cell.objective else []
+                    split = ["--label_fraction", str(fraction), "--seed", str(seed), "--fewshot_steps", "0"]
+                    if first:  # Semi-ViT's order: the semi-supervised fine-tuning starts from this supervised one
+                        argv = [*flags(study.base), *init, *flags(with_steps(study.finetune, finetune, first // finetune["batch_size"])), *split]
+                        first_dir = root / "runs" / f"finetune_{cell.arm}_first_images{pre + first}_frac{fraction}_seed{seed}"
+                        init = ["--init", run_once(argv, first_dir, defaults=preset("finetune"))["checkpoint"]]
+                        flops.setdefault("finetune", flops_per_image(first_dir))
                     tuning = {**study.finetune, **(study.semi if cell.semi else {}), **(study.joint if cell.joint else {}),
                               **study.readouts.get(cell.readout, {})}  # fmt: skip
-                    argv = [*flags(study.base), *init, *flags(with_steps(tuning, finetune, fine // finetune["batch_size"])),
-                            "--label_fraction", str(fraction), "--seed", str(seed), "--fewshot_steps", "0"]  # fmt: skip
-                    run_dir = root / "runs" / f"finetune_{cell.arm}_images{pre + fine}_frac{fraction}_seed{seed}"
+                    argv = [*flags(study.base), *init, *flags(with_steps(tuning, finetune, fine // finetune["batch_size"])), *split]
+                    run_dir = root / "runs" / f"finetune_{cell.arm}_images{pre + first + fine}_frac{fraction}_seed{seed}"
                     result = run_once(argv, run_dir, defaults=preset("finetune"))
                     kind = "semi" if cell.semi else "joint" if cell.joint else f"readout {cell.readout}" if cell.readout else "finetune"
                     flops.setdefault(kind, flops_per_image(run_dir))
                     rows.append({"kind": "budget", "arm": cell.arm, "objective": cell.objective or "", "family": cell.family,
                                  "share": cell.share, "readout": cell.readout, "budget": cell.budget, "label_fraction": fraction, "seed": seed,
-                                 "images": pre + fine, "pretrain_images": pre, "finetune_images": fine,
-                                 "flops": fine * flops[kind] + (pre * flops[cell.objective] if cell.objective else 0),
+                                 "images": pre + first + fine, "pretrain_images": pre, "finetune_images": first + fine,
+                                 "flops": fine * flops[kind] + (first * flops["finetune"] if first else 0)
+                                          + (pre * flops[cell.objective] if cell.objective else 0),
                                  "top1": result.get("test/top1", result["val/top1"]), "val_top1": result["val/top1"],
                                  "split": "test" if "test/top1" in result else "val"})  # fmt: skip
                     write_budget_report(rows, root)
@@ -595,7 +617,7 @@ def write_budget_report(rows: list[dict], root: Path) -> None:
         spread = "" if math.isnan(ci) else f" ± {ci:.2%}"  # one seed has no interval
         lines.append(f"| {arm} | {fraction:g} | {budget:,} | {r['pretrain_images']:,} + {fine:,} | {flops:.3g} | {mean:.2%}{spread} | "
                      f"{statistics.mean(by_seed(rows, arm, fraction, budget, 'val_top1').values()):.2%} | {gains[0]} | {gains[1]} | {len(top1)} |")  # fmt: skip
-        label = arm if not r["objective"] else f"{r['family']}, {r['share']:.0%} of the budget pretraining"
+        label = f"{r['family']}, {r['share']:.0%} of the budget pretraining" if r["objective"] else r["family"]
         label += f", {r['readout']}" if r.get("readout") else ""  # a read-out is its own curve, not a point of the share's
         curves.setdefault((label, fraction), []).append((flops, mean, 0 if math.isnan(ci) else ci))
     for (label, fraction), points in curves.items():
@@ -684,6 +706,9 @@ def run_command(argv=None) -> list[dict]:
     study = Study(**{k: v for k, v in vars(ns).items() if k in Study.__dataclass_fields__})
     if study.semi is not None:
         check_semi(study)
+    elif study.semi_after_finetune is not None:
+        raise UsageError("semi_after_finetune: Semi-ViT's order needs semi (the semi-supervised fine-tuning that follows the "
+                         "supervised one): add semi, or remove semi_after_finetune.")  # fmt: skip
     if study.joint is not None and not study.budgets:
         raise UsageError("joint: the joint-training arm is part of budget studies: add budgets (e.g. [16384]), or remove joint.")
     rows = run_budget_study(study) if study.budgets else run_study(study)

@@ -195,6 +195,57 @@ def test_semi_supervised_arms_fine_tune_on_what_the_same_flops_buy():
         budget_plan(study)
 
 
+def test_semi_vit_order_fine_tunes_then_continues_semi_supervised_from_that_classifier_at_the_same_flops(tmp_path):
+    """With `semi_after_finetune`, each cell also runs Semi-ViT's order: supervised fine-tuning on that share of its
+    fine-tuning FLOPs, then semi-supervised fine-tuning initialised from that run's checkpoint on the rest; the row
+    counts both runs' FLOPs (the same total as scratch, within a batch) and their labelled images, and the arm is read
+    beside semi as another read-out."""
+    model_kwargs = yaml.safe_load(TINY_VIT[TINY_VIT.index("--model_kwargs") + 1])
+    study = {
+        "output_dir": str(tmp_path / "study"),
+        "base": {"model": "vit_tiny_patch16_224", "model_kwargs": model_kwargs, "img_size": 16, "data": "synthetic:300",
+                 "mixed_precision": "no", "report_to": [], "cpu_threads": 1, "eval_batches": 1},
+        "pretrain": {"batch_size": 8, "max_steps": 10, "warmup_steps": 2},
+        "finetune": {"batch_size": 8, "max_steps": 10, "warmup_steps": 2},
+        "objectives": {"mae": {"mae.decoder_embed_dim": 16, "mae.decoder_num_heads": 2}},
+        "label_fractions": [0.5], "seeds": [0], "budgets": [256], "pretrain_shares": [0.5], "frozen": False,
+        "semi": {"objective": "fixmatch", "fixmatch.mu": 1, "fixmatch.teacher": "ema"}, "semi_after_finetune": 0.5,
+    }  # fmt: skip
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(study))
+    rows = {r["arm"]: r for r in main(["--config", str(config)])}
+    assert set(rows) == {"scratch", "mae0.5", "semi", "mae0.5+semi", "ft+semi", "mae0.5+ft+semi"}
+    runs = tmp_path / "study/runs"
+    for arm, plain in (("ft+semi", "scratch"), ("mae0.5+ft+semi", "mae0.5")):
+        r = rows[arm]
+        assert (r["family"], r["readout"]) == (rows[arm.replace("ft+", "")]["family"], "ft first")
+        first = next(runs.glob(f"finetune_{arm}_first_images*_frac0.5_seed0"))
+        second = runs / f"finetune_{arm}_images{r['images']}_frac0.5_seed0"
+        first_config, second_config = (yaml.safe_load((d / "config.yaml").read_text()) for d in (first, second))
+        # The first run is plain supervised fine-tuning on half of the plain arm's fine-tuning images ...
+        assert first_config["objective"] == "supervised" and first_config["max_steps"] * 8 == rows[plain]["finetune_images"] // 2
+        # ... and the semi-supervised one starts from its checkpoint, with the same labelled images (seed and fraction).
+        assert second_config["objective"] == "fixmatch"
+        assert second_config["init"] == json.loads((first / "results.json").read_text())["checkpoint"]
+        assert (second_config["seed"], second_config["label_fraction"]) == (first_config["seed"], first_config["label_fraction"]) == (0, 0.5)
+        labelled = first_config["max_steps"] * 8 + second_config["max_steps"] * 8
+        assert r["finetune_images"] == labelled and r["images"] == r["pretrain_images"] + labelled
+        # Both runs' FLOPs count, to the same total as scratch within half a batch of each run.
+        fine, semi = flops_per_image(first), flops_per_image(second)
+        pre = flops_per_image(runs / f"pretrain_mae_{r['pretrain_images']}") if r["pretrain_images"] else 0.0
+        assert r["flops"] == pytest.approx(first_config["max_steps"] * 8 * fine + second_config["max_steps"] * 8 * semi + r["pretrain_images"] * pre)
+        assert abs(r["flops"] - rows["scratch"]["flops"]) <= 4 * (fine + semi) * (1 + 1e-9)
+    assert "| mae0.5+ft+semi | 0.5 | 256 |" in (tmp_path / "study/results.md").read_text()
+    study["semi_after_finetune"] = 0.01  # no whole batch for the supervised run: refused before any run
+    config.write_text(yaml.safe_dump(study))
+    with pytest.raises(UsageError, match=r"semi_after_finetune: 0.01 of the .* leaves no whole batch of 8"):
+        main(["--config", str(config)])
+    del study["semi"]
+    config.write_text(yaml.safe_dump({**study, "semi_after_finetune": 0.5}))
+    with pytest.raises(UsageError, match="semi_after_finetune: Semi-ViT's order needs semi"):
+        main(["--config", str(config)])
+
+
 def test_the_joint_arm_trains_from_scratch_on_what_the_same_flops_buy():
     """With `joint`, every budget also runs joint training from scratch (arm joint: fine-tuning plus the aux objective
     on unlabeled images), on the labelled images that fine-tuning's FLOPs buy at its own cost per labelled image."""
