@@ -139,7 +139,9 @@ def run_study_preset(study: dict, tmp_path, name: str) -> None:
     if study.get("budgets"):
         arms = {f"{o}{s:g}" for o in study.get("objectives", {"masked_patch": {}}) for s in tiny_study["pretrain_shares"]}
         readouts = {f"{a}+{r}" for a in arms for r in study.get("readouts", {})}
-        arms |= {"scratch", *readouts, *({"semi", *(f"{a}+semi" for a in arms)} if study.get("semi") else ()), *(["joint"] if study.get("joint") else [])}
+        semi = {"semi", *(f"{a}+semi" for a in arms)} if study.get("semi") else set()
+        semi |= {s.replace("semi", "ft+semi") for s in semi} if study.get("semi_after_finetune") else set()
+        arms |= {"scratch", *readouts, *semi, *(["joint"] if study.get("joint") else [])}
         assert {r["arm"] for r in rows if r["kind"] == "budget"} == arms
         assert {r["budget"] for r in rows if r["kind"] == "budget"} == set(tiny_study["budgets"])
         assert (tmp_path / "study/accuracy_vs_compute.png").exists()
