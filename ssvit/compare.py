@@ -75,6 +75,12 @@ class Study:
     {ld: {layer_decay: 0.75, lr: 0.01}, probe: {freeze_backbone: true, lr: 0.1}}. Every pretrained cell also runs each
     on the same fine-tuning images (a probe spends fewer FLOPs, never more), and the report reads each objective at
     its best (share, read-out) on validation."""
+    lsq: bool = False
+    """With budgets: also read each pretraining with no training at all (arms <objective><share>+lsq): the ViT paper's
+    few-shot linear read-out (section 4.1: regularised least squares to {-1, 1}^K, closed form) fitted on the frozen,
+    un-augmented features of all the cell's labelled images, its L2 chosen by leave-one-out on those same images (no
+    other labels). Its FLOPs: the pretraining's plus a fine-tuning image's per labelled image (a forward is a third of
+    that: counted high, never low); the fine-tuning share of the budget is left unspent."""
     joint: Optional[dict] = None
     """With budgets: flags of joint training (e.g. {aux: mae, aux_weight: 1.0}) on top of the fine-tuning flags. Every
     budget then also runs it from scratch (arm joint): the labelled batch plus the aux objective on every training
@@ -306,7 +312,7 @@ class Cell:
     supervised_images: int = 0
     """Labelled images of a supervised fine-tuning that runs before the semi-supervised one (Semi-ViT's order)."""
     readout: str = ""
-    """The read-out of the pretraining (a name in Study.readouts), or "" for the fine-tuning flags alone."""
+    """The read-out of the pretraining (a name in Study.readouts, or lsq), or "" for the fine-tuning flags alone."""
 
     @property
     def family(self) -> str:
@@ -384,8 +390,9 @@ def budget_plan(study: Study) -> list[Cell]:
     if study.joint is not None:  # scratch's cells again, trained jointly with the aux objective
         joint_flops = counted_flops(joint_argv(study), defaults=preset("finetune"))
         cells += [replace(c, arm="joint", finetune_images=afforded(c, joint_flops, "joint training"), joint=True) for c in scratch]
-    # each pretraining read other ways, on the same fine-tuning images
-    return cells + [replace(c, arm=f"{c.arm}+{name}", readout=name) for c in pretrained for name in study.readouts]
+    # each pretraining read other ways, on the same fine-tuning images, and (lsq) without fine-tuning
+    cells += [replace(c, arm=f"{c.arm}+{name}", readout=name) for c in pretrained for name in study.readouts]
+    return cells + [replace(c, arm=f"{c.arm}+lsq", readout="lsq", finetune_images=0) for c in pretrained if study.lsq]
 
 
 def check_semi(study: Study) -> None:
@@ -443,6 +450,10 @@ def run_budget_study(study: Study) -> list[dict]:
             for fraction in study.label_fractions:
                 for cell in cells:
                     pre, first, fine = cell.pretrain_images, cell.supervised_images, cell.finetune_images
+                    if cell.readout == "lsq":
+                        rows.append(lsq_row(study, cell, checkpoints[cell.objective, pre], fraction, seed, flops[cell.objective]))
+                        write_budget_report(rows, root)
+                        continue
                     init = ["--init", str(checkpoints[cell.objective, pre])] if cell.objective else []
                     split = ["--label_fraction", str(fraction), "--seed", str(seed), "--fewshot_steps", "0"]
                     if first:  # Semi-ViT's order: the semi-supervised fine-tuning starts from this supervised one
@@ -466,6 +477,35 @@ def run_budget_study(study: Study) -> list[dict]:
                                  "split": "test" if "test/top1" in result else "val"})  # fmt: skip
                     write_budget_report(rows, root)
     return rows
+
+
+def lsq_row(study: Study, cell: Cell, checkpoint: Path, fraction: float, seed: int, pretrain_per_image: float) -> dict:
+    """A budget row of Study.lsq: the read-out fitted on the labelled images the cell's fine-tuning would train on
+    (the same flags draw them). Computed once into the cell's folder, like a run, and again if its pretraining changed."""
+    from ssvit.features import evaluate_lsq, representation_for
+    from ssvit.models import build_timm_model
+
+    done = Path(study.output_dir) / "runs" / f"finetune_{cell.arm}_images{cell.pretrain_images}_frac{fraction}_seed{seed}" / "lsq.json"
+    made_with = {"checkpoint": str(checkpoint), "label_fraction": fraction, "seed": seed}
+    result = json.loads(done.read_text()) if done.exists() else {}
+    if result.pop("made_with", None) != made_with:
+        from ssvit.data import load_splits
+        from ssvit.train import share_cores
+
+        cfg = parse([*flags(study.base), *flags(study.finetune), "--label_fraction", str(fraction), "--seed", str(seed)],
+                    defaults=preset("finetune")).train  # fmt: skip
+        share_cores(cfg.cpu_threads)
+        backbone = build_timm_model(checkpoint)[0]
+        result = evaluate_lsq(backbone, load_splits(cfg), representation_for(saved_train_config(checkpoint).objective, "auto"))
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps({**result, "made_with": made_with}, indent=2) + "\n")
+    fine_per_image = counted_flops([*flags(study.base), *flags(study.finetune)], defaults=preset("finetune"))
+    return {"kind": "budget", "arm": cell.arm, "objective": cell.objective, "family": cell.family, "share": cell.share,
+            "readout": "lsq", "budget": cell.budget, "label_fraction": fraction, "seed": seed, "images": cell.pretrain_images,
+            "pretrain_images": cell.pretrain_images, "finetune_images": 0, "labelled_images": result["labelled_images"],
+            "flops": cell.pretrain_images * pretrain_per_image + result["labelled_images"] * fine_per_image,
+            "top1": result.get("test/top1", result["val/top1"]), "val_top1": result["val/top1"],
+            "split": "test" if "test/top1" in result else "val"}  # fmt: skip
 
 
 def run_study(study: Study) -> list[dict]:
@@ -711,6 +751,10 @@ def run_command(argv=None) -> list[dict]:
                          "supervised one): add semi, or remove semi_after_finetune.")  # fmt: skip
     if study.joint is not None and not study.budgets:
         raise UsageError("joint: the joint-training arm is part of budget studies: add budgets (e.g. [16384]), or remove joint.")
+    if study.lsq and not study.budgets:
+        raise UsageError("lsq: the closed-form read-out is part of budget studies: add budgets (e.g. [16384]), or remove lsq.")
+    if study.lsq and "lsq" in study.readouts:
+        raise UsageError("readouts: lsq is the closed-form read-out's name (Study.lsq); give that fine-tuning read-out another name.")
     rows = run_budget_study(study) if study.budgets else run_study(study)
     print((Path(study.output_dir) / "results.md").read_text())
     return rows

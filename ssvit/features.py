@@ -7,6 +7,7 @@ evaluates on CPU within memory.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -105,6 +106,46 @@ def fewshot(train_x, train_y, val_x, val_y, num_classes, shots=(1, 5, 10, 25), s
     return out
 
 
+# The same read-out on every labelled image a run has (budget studies' lsq arms): no shots to draw and no labels
+# beyond those images, so L2 is chosen by leave-one-out accuracy on them, for the whole grid from one SVD of the
+# standardised features a = U S V^T: the fit's predictions are H t with the hat matrix H = U diag(s^2 / (s^2 + l2)) U^T,
+# and leaving image i out predicts (H t)_i - h_ii t_i over 1 - h_ii (the PRESS identity; the standardisation stays
+# that of all the images).
+LSQ_L2_GRID = tuple(2.0**k for k in range(-4, 17))
+
+
+@dataclass
+class LsqReadout:
+    """Regularised least squares to {-1, 1}^K targets on standardised features (the few-shot read-out above), L2
+    chosen from `grid` by leave-one-out accuracy on the training images (ties: the stronger L2)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    weights: torch.Tensor
+    l2_reg: float
+    loo_accuracies: list[float]
+
+    @classmethod
+    def fit(cls, x: torch.Tensor, labels: torch.Tensor, num_classes: int, grid=LSQ_L2_GRID) -> "LsqReadout":
+        x = x.double()
+        mean, std = x.mean(0, keepdim=True), x.std(0, unbiased=False, keepdim=True) + 1e-5
+        a = _standardised_with_bias(x, mean, std)
+        targets = F.one_hot(labels, num_classes).double() * 2 - 1
+        u, s, _ = torch.linalg.svd(a, full_matrices=False)
+        projected = u.T @ targets
+        accuracies = []
+        for l2 in grid:
+            shrink = s**2 / (s**2 + l2)
+            hat = (u**2 @ shrink)[:, None]
+            left_out = (u @ (shrink[:, None] * projected) - hat * targets) / (1 - hat).clamp_min(1e-12)
+            accuracies.append(left_out.argmax(1).eq(labels).double().mean().item())
+        best = max(zip(accuracies, grid))[1]
+        return cls(mean, std, ridge_fit(a, targets, best), best, accuracies)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return (_standardised_with_bias(x, self.mean, self.std) @ self.weights).argmax(1)
+
+
 def linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs: int = 200, weight_decay: float = 1e-4) -> float:
     """Multinomial logistic regression on standardised frozen features (full-batch L-BFGS)."""
     mu, sd = train_x.mean(0), train_x.std(0).clamp(min=1e-6)
@@ -137,12 +178,27 @@ def knn_accuracy(train_x, train_y, val_x, val_y, num_classes, k: int = 20, tempe
     return correct / len(val_y)
 
 
+def normalisation(backbone, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The (mean, std) the backbone's pretrained_cfg names for its inputs, (0.5, 0.5) per channel by default."""
+    cfg = getattr(backbone, "pretrained_cfg", {}) or {}
+    return tuple(torch.tensor(cfg.get(k, (0.5,) * 3), device=device).view(1, 3, 1, 1) for k in ("mean", "std"))
+
+
+def evaluate_lsq(backbone, splits, representation: str, device="cpu", batch_size: int = 256) -> dict:
+    """LsqReadout fitted on every (un-augmented) training image of `splits`, top-1 on validation and, where there is
+    one, on test."""
+    mean, std = normalisation(backbone, device)
+    features = {name: extract_features(backbone, data, representation, batch_size, device, mean, std, desc=f"{name} features")
+                for name, data in (("train", splits.train.augmented(None)), ("val", splits.val), ("test", splits.test)) if data is not None}  # fmt: skip
+    readout = LsqReadout.fit(*features["train"], splits.num_classes)
+    scores = {f"{name}/top1": readout.predict(x).eq(y).double().mean().item() for name, (x, y) in features.items() if name != "train"}
+    return {**scores, "labelled_images": len(features["train"][1]), "l2_reg": readout.l2_reg, "loo_top1": max(readout.loo_accuracies)}
+
+
 def evaluate_backbone(backbone, splits, representation: str, shots=(1, 5, 10, 25), seeds=(0, 1, 2), probe=True,
                       max_train: Optional[int] = 10_000, device="cpu", batch_size: int = 256) -> dict:  # fmt: skip
     """All frozen-feature metrics on splits.val, fitted on (at most max_train) un-augmented training images."""
-    cfg = getattr(backbone, "pretrained_cfg", {}) or {}
-    mean = torch.tensor(cfg.get("mean", (0.5,) * 3), device=device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.get("std", (0.5,) * 3), device=device).view(1, 3, 1, 1)
+    mean, std = normalisation(backbone, device)
     train = splits.train.augmented(None)  # features of the images as stored, not augmented
     if max_train is not None and len(train) > max_train:
         train = train.subset(torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:max_train].sort().values)

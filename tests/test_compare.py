@@ -293,6 +293,50 @@ def test_read_outs_run_on_every_pretrained_cell_and_the_report_picks_the_best_on
     assert line.split("|")[5:7] == [" 50% (probe) ", " +20.00% ± 0.00% (excludes zero) "]
 
 
+def test_the_closed_form_read_out_fits_each_pretraining_on_the_cells_labelled_images_without_training(tmp_path, monkeypatch):
+    """lsq: each pretrained cell is also read with no training at all (the ViT paper's least-squares read-out on all
+    the cell's labelled images, L2 chosen by leave-one-out on them), scored on test, its FLOPs the pretraining's plus
+    a fine-tuning image's per labelled image; computed once, like a run."""
+    from ssvit.config import parse
+    from ssvit.data import load_splits
+    import ssvit.features
+
+    model_kwargs = yaml.safe_load(TINY_VIT[TINY_VIT.index("--model_kwargs") + 1])
+    base = {"model": "vit_tiny_patch16_224", "model_kwargs": model_kwargs, "img_size": 16, "data": "synthetic:300",
+            "mixed_precision": "no", "report_to": [], "cpu_threads": 1, "eval_batches": 1, "test_fraction": 0.1}  # fmt: skip
+    study = {"output_dir": str(tmp_path / "study"), "base": base, "pretrain": {"batch_size": 8, "max_steps": 10},
+             "finetune": {"batch_size": 8, "max_steps": 10}, "label_fractions": [0.1], "seeds": [1], "budgets": [64],
+             "pretrain_shares": [0.5], "objectives": {"masked_patch": {}}, "frozen": False, "lsq": True}  # fmt: skip
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(study))
+    rows = {r["arm"]: r for r in main(["--config", str(config)])}
+    assert set(rows) == {"scratch", "masked_patch0.5", "masked_patch0.5+lsq"}
+    lsq, tuned = rows["masked_patch0.5+lsq"], rows["masked_patch0.5"]
+    assert (lsq["family"], lsq["readout"], lsq["split"], lsq["finetune_images"]) == ("masked_patch", "lsq", "test", 0)
+    assert 0 <= lsq["top1"] <= 1 and 0 <= lsq["val_top1"] <= 1
+    # The fine-tuning runs' labelled images, every one of them and no other.
+    labelled = load_splits(parse(["--data", "synthetic:300", "--test_fraction", "0.1", "--label_fraction", "0.1", "--seed", "1"]).train).train
+    assert lsq["labelled_images"] == len(labelled) > 0
+    root = tmp_path / "study"
+    per_image = {k: flops_per_image(root / "runs" / d) for k, d in
+                 (("pre", f"pretrain_masked_patch_{lsq['pretrain_images']}"), ("fine", f"finetune_masked_patch0.5_images{tuned['images']}_frac0.1_seed1"))}  # fmt: skip
+    assert lsq["pretrain_images"] == tuned["pretrain_images"]
+    assert lsq["flops"] == pytest.approx(lsq["pretrain_images"] * per_image["pre"] + len(labelled) * per_image["fine"])
+    assert lsq["flops"] < rows["scratch"]["flops"]  # 24 labelled images: less than the fine-tuning it skips
+    assert "| masked_patch0.5+lsq | 0.1 | 64 |" in (root / "results.md").read_text()
+    # Read back on a second run, not fitted again.
+    monkeypatch.setattr(ssvit.features.LsqReadout, "fit", lambda *a, **k: pytest.fail("refitted a finished read-out"))
+    again = {r["arm"]: r for r in main(["--config", str(config)])}
+    assert again["masked_patch0.5+lsq"] == lsq
+    # A read-out of that name among the fine-tuning read-outs would be two arms of one name.
+    config.write_text(yaml.safe_dump({**study, "readouts": {"lsq": {"lr": 0.1}}}))
+    with pytest.raises(UsageError, match="readouts: lsq is the closed-form read-out's name"):
+        main(["--config", str(config)])
+    config.write_text(yaml.safe_dump({**study, "budgets": []}))
+    with pytest.raises(UsageError, match="lsq: the closed-form read-out is part of budget studies"):
+        main(["--config", str(config)])
+
+
 def test_the_figure_draws_each_read_out_as_its_own_curve(tmp_path, monkeypatch):
     """A read-out is another way of reading the same pretraining, not another point of its curve: joined by one line,
     a probe (fewer FLOPs: no backward through the backbone) and a fine-tuning drew a slope no budget made."""

@@ -8,7 +8,7 @@ import torch
 import numpy as np
 
 from ssvit.evaluate import main as evaluate_main
-from ssvit.features import fewshot_accuracy, ridge_fit
+from ssvit.features import LsqReadout, fewshot_accuracy, ridge_fit
 from ssvit.finetune import main as finetune_main
 from ssvit.models import create_backbone, load_backbone_weights, resample_pos_embed
 from ssvit.pretrain import main as pretrain_main
@@ -75,6 +75,27 @@ def test_few_shot_is_perfect_on_linearly_separable_data():
     feats = centers[labels] + 0.1 * torch.randn(200, 5)
     for shots in (1, 5):
         assert fewshot_accuracy(feats, labels, feats, labels, shots, seed=0, num_classes=5) == 1.0
+
+
+@pytest.mark.parametrize("n, d", [(60, 8), (20, 30)], ids=["primal", "dual"])
+def test_the_read_out_chooses_l2_by_leave_one_out_as_refitting_without_each_image_would(n, d):
+    """LsqReadout scores each L2 by leave-one-out in closed form (one SVD); refitting n times without each image
+    (its standardisation kept, as the closed form keeps it) gives the same accuracies, so the same choice."""
+    torch.manual_seed(0)
+    labels = torch.arange(n) % 3
+    feats = torch.randn(n, d) + 1.5 * torch.eye(3, d)[labels]
+    grid = (0.01, 1.0, 100.0, 1e4)
+    readout = LsqReadout.fit(feats, labels, 3, grid)
+    x = (feats.double() - readout.mean) / readout.std
+    x = torch.cat([x, torch.full((n, 1), 100.0, dtype=x.dtype)], 1)
+    targets = torch.nn.functional.one_hot(labels, 3).double() * 2 - 1
+    for l2, closed in zip(grid, readout.loo_accuracies):
+        keep = lambda i: torch.arange(n) != i  # noqa: E731
+        right = sum(int((x[i] @ ridge_fit(x[keep(i)], targets[keep(i)], l2)).argmax() == labels[i]) for i in range(n))
+        assert closed == pytest.approx(right / n, abs=1e-9), l2
+    best = max(readout.loo_accuracies)
+    assert readout.l2_reg == max(l2 for l2, a in zip(grid, readout.loo_accuracies) if a == best)  # ties: the stronger L2
+    assert torch.equal(readout.predict(feats), (x @ ridge_fit(x, targets, readout.l2_reg)).argmax(1))
 
 
 def test_position_embedding_interpolation():
