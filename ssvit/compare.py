@@ -52,7 +52,8 @@ class Study:
     ablations: dict = field(default_factory=dict)
     """name -> extra flags of the first objective, e.g. {mask_ratio_0.15: {masked_patch.mask_ratio: 0.15}}."""
     arms: Optional[list] = None
-    """Which arms run: scratch, scratch_matched, supervised and the objectives' names (unset: all of them)."""
+    """Which arms run: scratch, scratch_matched, supervised and the objectives' names (unset: all of them). With
+    budgets: the cells' own names (scratch, semi, joint, <objective><share>, <objective><share>+<read-out>...)."""
     budgets: list = field(default_factory=list)
     """Compute on the x-axis: budgets in images of fine-tuning from scratch; every arm of a budget spends the same
     training FLOPs (counted per image of each objective with FlopCounterMode). When given, the study runs scratch and
@@ -392,7 +393,15 @@ def budget_plan(study: Study) -> list[Cell]:
         cells += [replace(c, arm="joint", finetune_images=afforded(c, joint_flops, "joint training"), joint=True) for c in scratch]
     # each pretraining read other ways, on the same fine-tuning images, and (lsq) without fine-tuning
     cells += [replace(c, arm=f"{c.arm}+{name}", readout=name) for c in pretrained for name in study.readouts]
-    return cells + [replace(c, arm=f"{c.arm}+lsq", readout="lsq", finetune_images=0) for c in pretrained if study.lsq]
+    cells += [replace(c, arm=f"{c.arm}+lsq", readout="lsq", finetune_images=0) for c in pretrained if study.lsq]
+    if study.arms is not None:  # a part of the grid; a name it does not have is refused, not skipped
+        names = list(dict.fromkeys(c.arm for c in cells))
+        unknown = [a for a in study.arms if a not in names]
+        if unknown:
+            raise UsageError(f"arms: {', '.join(unknown)} is not an arm of this budget study (its arms: {', '.join(names)}). "
+                             f"Name some of those, or remove arms to run them all.")  # fmt: skip
+        cells = [c for c in cells if c.arm in study.arms]
+    return cells
 
 
 def check_semi(study: Study) -> None:

@@ -2,6 +2,7 @@
 
 import csv
 import json
+from dataclasses import replace
 from typing import Optional
 
 import pytest
@@ -335,6 +336,20 @@ def test_the_closed_form_read_out_fits_each_pretraining_on_the_cells_labelled_im
     config.write_text(yaml.safe_dump({**study, "budgets": []}))
     with pytest.raises(UsageError, match="lsq: the closed-form read-out is part of budget studies"):
         main(["--config", str(config)])
+
+
+def test_arms_picks_cells_of_a_budget_study_and_refuses_a_name_it_does_not_have():
+    """arms: a part of a budget study's grid (e.g. semi from scratch beside finished cells), by the cells' own names."""
+    from ssvit.compare import Study, budget_plan
+
+    model_kwargs = yaml.safe_load(TINY_VIT[TINY_VIT.index("--model_kwargs") + 1])
+    study = Study(output_dir="unused", budgets=[64], pretrain_shares=[0.5], objectives={"mae": {"mae.decoder_embed_dim": 16, "mae.decoder_num_heads": 2}},
+                  base={"model": "vit_tiny_patch16_224", "model_kwargs": model_kwargs, "img_size": 16, "data": "synthetic:300"},
+                  pretrain={"batch_size": 8}, finetune={"batch_size": 8}, readouts={"probe": {"freeze_backbone": True}}, lsq=True)  # fmt: skip
+    assert {c.arm for c in budget_plan(study)} == {"scratch", "mae0.5", "mae0.5+probe", "mae0.5+lsq"}
+    assert {c.arm for c in budget_plan(replace(study, arms=["scratch", "mae0.5+lsq"]))} == {"scratch", "mae0.5+lsq"}
+    with pytest.raises(UsageError, match=r"arms: mae0\.75 is not an arm of this budget study \(its arms: scratch, mae0\.5, "):
+        budget_plan(replace(study, arms=["scratch", "mae0.75"]))
 
 
 def test_the_figure_draws_each_read_out_as_its_own_curve(tmp_path, monkeypatch):
