@@ -138,7 +138,7 @@ def run_study_preset(study: dict, tmp_path, name: str) -> None:
     rows = compare.main(["--config", str(config)])
     if study.get("budgets"):
         arms = {f"{o}{s:g}" for o in study.get("objectives", {"masked_patch": {}}) for s in tiny_study["pretrain_shares"]}
-        readouts = {f"{a}+{r}" for a in arms for r in study.get("readouts", {})}
+        readouts = {f"{a}+{r}" for a in arms for r in [*study.get("readouts", {}), *(["lsq"] if study.get("lsq") else [])]}
         semi = {"semi", *(f"{a}+semi" for a in arms)} if study.get("semi") else set()
         semi |= {s.replace("semi", "ft+semi") for s in semi} if study.get("semi_after_finetune") else set()
         arms |= {"scratch", *readouts, *semi, *(["joint"] if study.get("joint") else [])}
