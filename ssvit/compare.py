@@ -98,6 +98,10 @@ class Study:
         supervised arm is that). supervised and each objective: pretrained on all training images (with / without
         labels), then fine-tuned."""
         every = ["scratch", "scratch_matched", "supervised", *self.objectives]
+        unknown = [a for a in self.arms or [] if a not in every]
+        if unknown:
+            raise UsageError(f"arms: {', '.join(unknown)} is not an arm of this study (its arms: {', '.join(every)}). "
+                             f"Name some of those, or remove arms to run them all.")  # fmt: skip
         return [a for a in every if self.arms is None or a in self.arms]
 
     def pretraining_flags(self, arm: str) -> dict:

@@ -350,6 +350,10 @@ def test_arms_picks_cells_of_a_budget_study_and_refuses_a_name_it_does_not_have(
     assert {c.arm for c in budget_plan(replace(study, arms=["scratch", "mae0.5+lsq"]))} == {"scratch", "mae0.5+lsq"}
     with pytest.raises(UsageError, match=r"arms: mae0\.75 is not an arm of this budget study \(its arms: scratch, mae0\.5, "):
         budget_plan(replace(study, arms=["scratch", "mae0.75"]))
+    # A fixed-budget study refuses a typo too, rather than running without that arm.
+    fixed = Study(output_dir="unused", objectives={"mae": {}}, arms=["scratch", "supervsed"])
+    with pytest.raises(UsageError, match=r"arms: supervsed is not an arm of this study \(its arms: scratch, scratch_matched, supervised, mae\)"):
+        fixed.arm_names()
 
 
 def test_the_figure_draws_each_read_out_as_its_own_curve(tmp_path, monkeypatch):
