@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -209,6 +210,25 @@ def pretraining_images(run_dir: Path) -> int:
     return saved["max_steps"] * saved["batch_size"] * saved["gradient_accumulation_steps"]
 
 
+def recorded(done: Path, made_with: dict) -> Optional[dict]:
+    """A measurement recorded by record(), if `done` holds one made with these settings (a damaged or missing
+    record, e.g. from a kill mid-write, is measured again)."""
+    try:
+        saved = json.loads(done.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) and saved.pop("made_with", None) == made_with else None
+
+
+def record(done: Path, result: dict, made_with: dict) -> dict:
+    """Write a measurement with the settings it was made with, whole or not at all (a temporary file, then renamed)."""
+    done.parent.mkdir(parents=True, exist_ok=True)
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**result, "made_with": made_with}, indent=2) + "\n")
+    os.replace(tmp, done)
+    return result
+
+
 def pretraining_flops(run_dir: Path) -> float:
     """FLOPs of the whole pretraining: FLOPs per image times the images it processed."""
     return flops_per_image(run_dir) * pretraining_images(run_dir)
@@ -220,8 +240,8 @@ def frozen_row(study: Study, name: str, checkpoint: Optional[Path], done: Path, 
     and DINO's weighted 20-NN, on the test split where the data has one. Computed once into `done`, like a run, and
     measured again when the evaluation it was made with (the weights, the fit's size, the random architecture) differs."""
     made_with = {"checkpoint": str(checkpoint), "max_train": study.frozen_max_train, "base": study.base if checkpoint is None else None}
-    saved = json.loads(done.read_text()) if done.exists() else {}
-    if saved.pop("made_with", None) == made_with:
+    saved = recorded(done, made_with)
+    if saved is not None:
         return saved
     import torch
 
@@ -249,9 +269,7 @@ def frozen_row(study: Study, name: str, checkpoint: Optional[Path], done: Path, 
     keep = [k for k in measured if k.startswith(("fewshot", "linear_probe", "knn20", "train_images"))]
     row = {"kind": "frozen", "arm": name, "split": split, "representation": representation, **extra,
            **{k: measured[k] for k in keep}}  # fmt: skip
-    done.parent.mkdir(parents=True, exist_ok=True)
-    done.write_text(json.dumps({**row, "made_with": made_with}, indent=2) + "\n")
-    return row
+    return record(done, row, made_with)
 
 
 def random_init_row(study: Study) -> dict:
@@ -500,8 +518,8 @@ def lsq_row(study: Study, cell: Cell, checkpoint: Path, fraction: float, seed: i
 
     done = Path(study.output_dir) / "runs" / f"finetune_{cell.arm}_images{cell.pretrain_images}_frac{fraction}_seed{seed}" / "lsq.json"
     made_with = {"checkpoint": str(checkpoint), "label_fraction": fraction, "seed": seed}
-    result = json.loads(done.read_text()) if done.exists() else {}
-    if result.pop("made_with", None) != made_with:
+    result = recorded(done, made_with)
+    if result is None:
         from ssvit.data import load_splits
         from ssvit.train import share_cores
 
@@ -510,8 +528,7 @@ def lsq_row(study: Study, cell: Cell, checkpoint: Path, fraction: float, seed: i
         share_cores(cfg.cpu_threads)
         backbone = build_timm_model(checkpoint)[0]
         result = evaluate_lsq(backbone, load_splits(cfg), representation_for(saved_train_config(checkpoint).objective, "auto"))
-        done.parent.mkdir(parents=True, exist_ok=True)
-        done.write_text(json.dumps({**result, "made_with": made_with}, indent=2) + "\n")
+        record(done, result, made_with)
     fine_per_image = counted_flops([*flags(study.base), *flags(study.finetune)], defaults=preset("finetune"))
     return {"kind": "budget", "arm": cell.arm, "objective": cell.objective, "family": cell.family, "share": cell.share,
             "readout": "lsq", "budget": cell.budget, "label_fraction": fraction, "seed": seed, "images": cell.pretrain_images,

@@ -325,6 +325,10 @@ def test_the_closed_form_read_out_fits_each_pretraining_on_the_cells_labelled_im
     assert lsq["flops"] == pytest.approx(lsq["pretrain_images"] * per_image["pre"] + len(labelled) * per_image["fine"])
     assert lsq["flops"] < rows["scratch"]["flops"]  # 24 labelled images: less than the fine-tuning it skips
     assert "| masked_patch0.5+lsq | 0.1 | 64 |" in (root / "results.md").read_text()
+    # A damaged record (a kill or a full disk mid-write) is measured again, not a traceback.
+    done = next(root.glob("runs/finetune_masked_patch0.5+lsq_*/lsq.json"))
+    done.write_text(done.read_text()[:20])
+    assert {r["arm"]: r for r in main(["--config", str(config)])}["masked_patch0.5+lsq"] == lsq
     # Read back on a second run, not fitted again.
     monkeypatch.setattr(ssvit.features.LsqReadout, "fit", lambda *a, **k: pytest.fail("refitted a finished read-out"))
     again = {r["arm"]: r for r in main(["--config", str(config)])}
@@ -434,6 +438,10 @@ def test_a_frozen_row_is_reused_only_for_the_same_evaluation(tmp_path):
     first = random_init_row(Study(output_dir=str(tmp_path / "study"), frozen_max_train=50, base=base))
     assert first["train_images"] == 50
     assert random_init_row(Study(output_dir=str(tmp_path / "study"), frozen_max_train=50, base=base)) == first
+    assert random_init_row(Study(output_dir=str(tmp_path / "study"), frozen_max_train=30, base=base))["train_images"] == 30
+    # A damaged record (a kill or a full disk mid-write) is measured again, not a traceback.
+    done = tmp_path / "study/runs/random_init/study_frozen.json"
+    done.write_text(done.read_text()[:20])
     assert random_init_row(Study(output_dir=str(tmp_path / "study"), frozen_max_train=30, base=base))["train_images"] == 30
 
 
