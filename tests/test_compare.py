@@ -378,6 +378,20 @@ def test_the_figure_draws_each_read_out_as_its_own_curve(tmp_path, monkeypatch):
     assert sorted(drawn) == [("mae, 50% of the budget pretraining", 2), ("mae, 50% of the budget pretraining, probe", 2), ("scratch", 2)]
 
 
+def test_the_report_of_a_study_run_without_scratch_lists_its_cells(tmp_path):
+    """`--arms "[semi]"` (one arm of a grid whose other cells ran elsewhere) crashed after its first cell: the figure's
+    top axis counts budgets in scratch's fine-tuning images, and there was no scratch row to take them from."""
+    from ssvit.compare import write_budget_report
+
+    rows = [{"kind": "budget", "arm": "semi", "objective": "", "family": "semi", "share": 0.0, "readout": "", "budget": 64,
+             "label_fraction": 0.1, "seed": seed, "val_top1": 0.3, "top1": 0.3 + seed / 100, "flops": 64e6, "split": "test",
+             "pretrain_images": 0, "finetune_images": 8} for seed in (0, 1)]  # fmt: skip
+    write_budget_report(rows, tmp_path)
+    table = (tmp_path / "results.md").read_text()
+    assert "| semi | 0.1 | 64 | 0 + 8 | 6.4e+07 | 30.50% ± " in table
+    assert (tmp_path / "accuracy_vs_compute.png").stat().st_size > 0
+
+
 def test_freeze_backbone_trains_the_head_only(tmp_path):
     from ssvit.pretrain import main
 
