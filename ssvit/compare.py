@@ -695,6 +695,7 @@ def write_budget_report(rows: list[dict], root: Path) -> None:
         panels[fraction].errorbar(xs, ys, yerr=cis, marker="o", capsize=3, label=label)
     # The top axis counts budgets in scratch's fine-tuning images; a study run without scratch (`arms`) has no such scale.
     scratch = [r["flops"] / r["budget"] for r in budget_rows if r["arm"] == "scratch"]
+    per_image = statistics.mean(scratch) if scratch else None
     # A log axis over budgets; over one budget (its cells' FLOPs differ by a batch or two) a linear one with plain ticks.
     budgets = {r["budget"] for r in budget_rows}
     plain = FuncFormatter(lambda v, _: f"{v:.3g}")
@@ -702,8 +703,7 @@ def write_budget_report(rows: list[dict], root: Path) -> None:
         ax.set(xscale="log" if len(budgets) > 1 else "linear", xlabel="total training compute (FLOPs, pretraining + fine-tuning)",
                ylabel=f"{split} top-1", title=f"{fraction:.0%} of the labels")  # fmt: skip
         axes = [ax.xaxis]
-        if scratch:
-            per_image = statistics.mean(scratch)
+        if per_image:
             top = ax.secondary_xaxis("top", functions=(lambda f: f / per_image, lambda n: n * per_image))
             top.set_xlabel("budget (images of fine-tuning from scratch)")
             axes.append(top.xaxis)
