@@ -7,11 +7,13 @@ commands; `ssvit pretrain ...`, `ssvit-pretrain ...`, `python -m ssvit.pretrain 
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 from argparse import ArgumentError
 from pathlib import Path
 from typing import Optional
 
+import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from ssvit.errors import UsageError, command
@@ -46,7 +48,29 @@ def parse_args(parser: ArgumentParser, argv: Optional[list[str]]) -> Namespace:
         return parser.parse_args(argv)
     except ArgumentError as e:  # one line, not the usage text first
         message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
-        raise UsageError(f"{message}. `{parser.prog} --help` lists the options.") from None
+        raise UsageError(mapping_hint(message, argv) or f"{message}. `{parser.prog} --help` lists the options.") from None
+
+
+def mapping_hint(message: str, argv: list[str]) -> Optional[str]:
+    """For a mapping flag given `{patch_size:4}`: YAML reads a flow mapping's `key:value` without a space as one
+    string, and the parser's answer lists type names. Say what to write instead (None for any other error)."""
+    key = re.search(r'Parser key "([^"]+)"', message)
+    if key is None or "Expected a <class 'dict'>" not in message:
+        return None
+    flag = f"--{key.group(1)}"
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name == flag and (eq or i + 1 < len(argv)):
+            value = value if eq else argv[i + 1]
+            spaced = re.sub(r"([:,])(?=\S)", r"\1 ", value)
+            try:
+                fixed = isinstance(yaml.safe_load(spaced), dict)
+            except yaml.YAMLError:
+                fixed = False
+            if fixed:
+                given = arg if eq else f"{flag} {value}"
+                return f"{given}: not a mapping: YAML needs a space after each colon, as in {flag} \"{spaced}\"."
+    return None
 
 
 def normalize(argv: list[str]) -> list[str]:

@@ -16,13 +16,14 @@ Writes results.csv, results.md (mean and 95% confidence interval over seeds, gai
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
 import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import yaml
 
@@ -98,12 +99,7 @@ class Study:
         images as the first objective's pretraining plus fine-tuning process (label fractions below 1; at 1 the
         supervised arm is that). supervised and each objective: pretrained on all training images (with / without
         labels), then fine-tuned."""
-        every = ["scratch", "scratch_matched", "supervised", *self.objectives]
-        unknown = [a for a in self.arms or [] if a not in every]
-        if unknown:
-            raise UsageError(f"arms: {', '.join(unknown)} is not an arm of this study (its arms: {', '.join(every)}). "
-                             f"Name some of those, or remove arms to run them all.")  # fmt: skip
-        return [a for a in every if self.arms is None or a in self.arms]
+        return picked(self.arms, ["scratch", "scratch_matched", "supervised", *self.objectives], "this study")
 
     def pretraining_flags(self, arm: str) -> dict:
         return self.supervised if arm == "supervised" else self.objectives[arm]
@@ -234,6 +230,34 @@ def pretraining_flops(run_dir: Path) -> float:
     return flops_per_image(run_dir) * pretraining_images(run_dir)
 
 
+def main_process_first(measure: Callable[..., dict]) -> Callable[..., dict]:
+    """A measurement between a study's runs, recorded in a file: under several processes the main process measures
+    and records it, then the others read its record."""
+
+    @functools.wraps(measure)
+    def once(*args, **kwargs) -> dict:
+        from ssvit.train import process_state
+
+        with process_state().main_process_first():
+            return measure(*args, **kwargs)
+
+    return once
+
+
+def main_process_only(write: Callable[..., None]) -> Callable[..., None]:
+    """A study's report: written by the main process alone (every process holds the same rows)."""
+
+    @functools.wraps(write)
+    def once(*args, **kwargs) -> None:
+        from ssvit.train import process_state
+
+        if process_state().is_main_process:
+            write(*args, **kwargs)
+
+    return once
+
+
+@main_process_first
 def frozen_row(study: Study, name: str, checkpoint: Optional[Path], done: Path, **extra) -> dict:
     """Frozen-feature quality of a pretraining's released backbone, or of random weights (checkpoint None, the
     study's architecture, seed 0, its mean patch token): few-shot linear at 1/5/10/25 shots (3 draws), a linear probe
@@ -248,7 +272,7 @@ def frozen_row(study: Study, name: str, checkpoint: Optional[Path], done: Path, 
     from ssvit.data import load_splits
     from ssvit.features import evaluate_backbone, representation_for
     from ssvit.models import build_timm_model, create_backbone
-    from ssvit.train import share_cores
+    from ssvit.train import process_state, share_cores
 
     if checkpoint is None:
         cfg = parse([*flags(study.base), "--init", "null"]).train
@@ -264,8 +288,9 @@ def frozen_row(study: Study, name: str, checkpoint: Optional[Path], done: Path, 
         raise UsageError(f"frozen features are scored against labels: {cfg.data} has none. Set frozen: false in the study, "
                          f"or give data with labels (an image folder with a subfolder per class, or a label column).")  # fmt: skip
     split = "test" if splits.test is not None else "val"
-    measured = evaluate_backbone(backbone, replace(splits, val=splits.val if splits.test is None else splits.test), representation,
-                                 max_train=study.frozen_max_train)  # fmt: skip
+    device = process_state().device
+    measured = evaluate_backbone(backbone.to(device), replace(splits, val=splits.val if splits.test is None else splits.test),
+                                 representation, max_train=study.frozen_max_train, device=device)  # fmt: skip
     keep = [k for k in measured if k.startswith(("fewshot", "linear_probe", "knn20", "train_images"))]
     row = {"kind": "frozen", "arm": name, "split": split, "representation": representation, **extra,
            **{k: measured[k] for k in keep}}  # fmt: skip
@@ -416,14 +441,19 @@ def budget_plan(study: Study) -> list[Cell]:
     # each pretraining read other ways, on the same fine-tuning images, and (lsq) without fine-tuning
     cells += [replace(c, arm=f"{c.arm}+{name}", readout=name) for c in pretrained for name in study.readouts]
     cells += [replace(c, arm=f"{c.arm}+lsq", readout="lsq", finetune_images=0) for c in pretrained if study.lsq]
-    if study.arms is not None:  # a part of the grid; a name it does not have is refused, not skipped
-        names = list(dict.fromkeys(c.arm for c in cells))
-        unknown = [a for a in study.arms if a not in names]
-        if unknown:
-            raise UsageError(f"arms: {', '.join(unknown)} is not an arm of this budget study (its arms: {', '.join(names)}). "
-                             f"Name some of those, or remove arms to run them all.")  # fmt: skip
-        cells = [c for c in cells if c.arm in study.arms]
-    return cells
+    arms = picked(study.arms, list(dict.fromkeys(c.arm for c in cells)), "this budget study")
+    return [c for c in cells if c.arm in arms]
+
+
+def picked(requested: Optional[list], names: list[str], study: str) -> list[str]:
+    """The arms `requested` names, in the study's order (None: all of them). A part of the grid; a name it does not
+    have is refused, not skipped, and so is an empty list, which would run nothing."""
+    unknown = [a for a in requested or [] if a not in names]
+    if unknown or requested == []:
+        what = f"{', '.join(unknown)} is not an arm" if unknown else "[] names no arm"
+        raise UsageError(f"arms: {what} of {study} (its arms: {', '.join(names)}). Name some of those, or remove arms "
+                         f"to run them all.")  # fmt: skip
+    return [a for a in names if requested is None or a in requested]
 
 
 def check_semi(study: Study) -> None:
@@ -510,6 +540,7 @@ def run_budget_study(study: Study) -> list[dict]:
     return rows
 
 
+@main_process_first
 def lsq_row(study: Study, cell: Cell, checkpoint: Path, fraction: float, seed: int, pretrain_per_image: float) -> dict:
     """A budget row of Study.lsq: the read-out fitted on the labelled images the cell's fine-tuning would train on
     (the same flags draw them). Computed once into the cell's folder, like a run, and again if its pretraining changed."""
@@ -521,13 +552,14 @@ def lsq_row(study: Study, cell: Cell, checkpoint: Path, fraction: float, seed: i
     result = recorded(done, made_with)
     if result is None:
         from ssvit.data import load_splits
-        from ssvit.train import share_cores
+        from ssvit.train import process_state, share_cores
 
         cfg = parse([*flags(study.base), *flags(study.finetune), "--label_fraction", str(fraction), "--seed", str(seed)],
                     defaults=preset("finetune")).train  # fmt: skip
         share_cores(cfg.cpu_threads)
-        backbone = build_timm_model(checkpoint)[0]
-        result = evaluate_lsq(backbone, load_splits(cfg), representation_for(saved_train_config(checkpoint).objective, "auto"))
+        device = process_state().device
+        backbone = build_timm_model(checkpoint)[0].to(device)
+        result = evaluate_lsq(backbone, load_splits(cfg), representation_for(saved_train_config(checkpoint).objective, "auto"), device)
         record(done, result, made_with)
     fine_per_image = counted_flops([*flags(study.base), *flags(study.finetune)], defaults=preset("finetune"))
     return {"kind": "budget", "arm": cell.arm, "objective": cell.objective, "family": cell.family, "share": cell.share,
@@ -652,6 +684,7 @@ def budget_summary(rows: list[dict]) -> list[str]:
     return [*lines, "", *notes] if len(lines) > 5 else []
 
 
+@main_process_only
 def write_budget_report(rows: list[dict], root: Path) -> None:
     """results.csv, results.md (every cell: mean ± 95% CI over seeds, gains paired by seed; where each objective
     passes scratch; the frozen features of every pretraining) and accuracy_vs_compute.png (top-1 against total
@@ -718,6 +751,7 @@ def write_budget_report(rows: list[dict], root: Path) -> None:
     (root / "results.md").write_text("\n".join([*lines, *budget_summary(rows), *frozen_table(rows)]) + "\n")
 
 
+@main_process_only
 def write_report(rows: list[dict], root: Path, arms: list[str]) -> None:
     import matplotlib
 
@@ -791,7 +825,7 @@ def run_command(argv=None) -> list[dict]:
     if study.lsq and "lsq" in study.readouts:
         raise UsageError("readouts: lsq is the closed-form read-out's name (Study.lsq); give that fine-tuning read-out another name.")
     rows = run_budget_study(study) if study.budgets else run_study(study)
-    print((Path(study.output_dir) / "results.md").read_text())
+    main_process_only(print)((Path(study.output_dir) / "results.md").read_text())
     return rows
 
 

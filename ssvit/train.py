@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import itertools
 import json
 import os
@@ -22,7 +24,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import ProjectConfiguration, gather_object, send_to_device, set_seed
 from timm.scheduler import CosineLRScheduler, PolyLRScheduler
@@ -152,6 +154,24 @@ def resolve_precision(cfg: TrainConfig) -> Optional[str]:
     return cfg.mixed_precision
 
 
+def gloo_on_cpu() -> bool:
+    """Several processes on a machine without GPUs: accelerate needs cpu=True to form a gloo group, else each process
+    silently trains alone."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def process_state() -> PartialState:
+    """This process's place in the launch (its device, whether it is the main process), the group formed as the
+    runs' Accelerator forms it: for work between runs, such as a study's frozen-feature evaluations."""
+    return PartialState(cpu=gloo_on_cpu())
+
+
+@functools.cache
+def end_process_group_at_exit() -> None:
+    """The process group lives as long as the command: several runs (a study) train in it one after another."""
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+
+
 def make_accelerator(cfg: TrainConfig, trackers: list) -> Accelerator:
     for engine in ("FSDP", "DEEPSPEED"):
         if os.environ.get(f"ACCELERATE_USE_{engine}", "false").lower() == "true" and not torch.cuda.is_available():
@@ -161,14 +181,14 @@ def make_accelerator(cfg: TrainConfig, trackers: list) -> Accelerator:
                              f"plain data parallelism instead, without saying so. Launch without --use_{engine.lower()} "
                              f"(--multi_gpu) on CPU.")  # fmt: skip
     accelerator = Accelerator(
-        # Several processes on a machine without GPUs: accelerate needs cpu=True to form a gloo group, else
-        # each process silently trains alone.
-        cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
+        cpu=gloo_on_cpu(),
         mixed_precision=resolve_precision(cfg),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=trackers,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs")),
     )
+    if accelerator.num_processes > 1:
+        end_process_group_at_exit()
     if accelerator.device.type == "cpu":
         share_cores(cfg.cpu_threads, accelerator.num_processes)
     return accelerator
@@ -326,7 +346,12 @@ def setup(run: RunConfig, accelerator: Accelerator, resume_from: Optional[Path] 
         sampler = EpochSampler(len(splits.train), cfg.seed, num_samples=steps_per_epoch * cfg.batch_size)
         loader = DataLoader(splits.train, batch_size=micro_batch, sampler=sampler, drop_last=True, generator=generator, **workers)
     if steps_per_epoch == 0:
-        raise UsageError(f"--batch_size {cfg.batch_size} is larger than the training set ({len(splits.train)} images).")
+        n = len(splits.train)
+        subset = next((f"--{k} {v}" for k in ("label_fraction", "samples_per_class") if (v := getattr(cfg, k)) is not None), None)
+        if subset:  # the user knows the whole training set's size, not the subset's
+            raise UsageError(f"--batch_size {cfg.batch_size} is larger than the labelled training set: {n} images at {subset}. "
+                             f"Lower --batch_size to {n} or less, or raise {subset.split()[0]}.")  # fmt: skip
+        raise UsageError(f"--batch_size {cfg.batch_size} is larger than the training set ({n} images). Lower --batch_size to {n} or less.")
     unlabeled = {}
     if second is not None:  # the second stream: all training images, its own seeded order, second.ratio x the batch
         size = second.ratio * cfg.batch_size
@@ -652,7 +677,7 @@ def streamed(state: State):
 
 
 def finish(state: State) -> dict:
-    """Gather a checksum of the weights from every process, end the process group, write results.json."""
+    """Gather a checksum of the weights from every process, close the trackers, write results.json."""
     cfg, accelerator = state.cfg, state.accelerator
     test = evals.test(state)
     if test:
@@ -661,7 +686,8 @@ def finish(state: State) -> dict:
     checksums = accelerator.gather(checksum.to(accelerator.device)).tolist()
     images_seen = accelerator.gather(torch.tensor([state.images_seen], device=accelerator.device)).tolist()
     row_groups = gather_object([sorted(state.row_groups_read)]) if cfg.streaming else None
-    accelerator.end_training()  # also ends the process group
+    for tracker in accelerator.trackers:  # not end_training(): a study (ssvit compare) trains run after run in this group
+        tracker.finish()
     result = {
         "objective": cfg.objective,
         "model": cfg.model,

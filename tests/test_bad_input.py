@@ -340,3 +340,13 @@ def test_init_checkpoint_key_on_an_exported_backbone_names_the_flag_and_the_fix(
     export_main([pre, "--out", str(tmp_path / "exported")])
     with pytest.raises(UsageError, match=r"--init_checkpoint_key teacher_backbone: .* holds one backbone .*: drop --init_checkpoint_key"):
         main(tiny_args(tmp_path / "ft", "--init", str(tmp_path / "exported"), "--init_checkpoint_key", "teacher_backbone", objective="supervised"))
+
+
+def test_a_batch_larger_than_the_labelled_subset_names_the_subset_and_the_fix(tmp_path):
+    """1% of 600 synthetic images is one per class: the message said 'the training set (10 images)' of a run whose
+    training set the user knows holds 588, with no way out named."""
+    with pytest.raises(UsageError, match=r"^--batch_size 16 is larger than the labelled training set: 10 images at "
+                                         r"--label_fraction 0.01\. Lower --batch_size to 10 or less, or raise --label_fraction\.$"):  # fmt: skip
+        main(tiny_args(tmp_path, "--label_fraction", "0.01", objective="supervised"))
+    with pytest.raises(UsageError, match=r"^--batch_size 16 is larger than the training set \(15 images\)\. Lower --batch_size"):
+        main(tiny_args(tmp_path / "b", "--data", "synthetic:16"))

@@ -87,3 +87,19 @@ def test_presets_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
 
 def test_flags_take_dashes_or_underscores():
     assert cli.normalize(["--output-dir", "x", "--max-steps=3", "--data", "a-b"]) == ["--output_dir", "x", "--max_steps=3", "--data", "a-b"]
+
+
+def test_a_mapping_flag_written_without_spaces_says_how_to_write_it(tmp_path):
+    """`--model_kwargs {patch_size:4,depth:2}` is not YAML's mapping (a flow mapping needs a space after each colon),
+    and the parser's answer was three type names and 'Given value type: <class 'str'>'. It now names the flag and
+    gives the value as it should be written, in the pretraining commands and in a study's mapping options alike."""
+    from ssvit import compare, pretrain
+
+    with pytest.raises(UsageError) as refused:
+        pretrain.main(["--model_kwargs", "{patch_size:4,depth:2}", "--output_dir", str(tmp_path / "run")])
+    assert str(refused.value) == ("--model_kwargs {patch_size:4,depth:2}: not a mapping: YAML needs a space after each "
+                                  "colon, as in --model_kwargs \"{patch_size: 4, depth: 2}\".")  # fmt: skip
+    with pytest.raises(UsageError, match=r"^--readouts=\{ld:\{layer_decay:0.75\}\}: not a mapping: YAML needs a space after "
+                                         r"each colon, as in --readouts \"\{ld: \{layer_decay: 0.75\}\}\"\.$"):  # fmt: skip
+        compare.main(["--config", "compare_cifar10_semi_cpu_quick", "--readouts={ld:{layer_decay:0.75}}"])
+    assert not (tmp_path / "run").exists()

@@ -360,6 +360,28 @@ def test_arms_picks_cells_of_a_budget_study_and_refuses_a_name_it_does_not_have(
         fixed.arm_names()
 
 
+
+def test_arms_that_name_nothing_are_refused_before_any_work(tmp_path):
+    """`--arms "[]"` read the random-weights features, ran no cell and then failed on a results.md it never wrote
+    ("No such file or directory"): an empty list names no arm, so it is refused with the study's arms, as a typo is."""
+    from ssvit.compare import Study, budget_plan
+
+    model_kwargs = yaml.safe_load(TINY_VIT[TINY_VIT.index("--model_kwargs") + 1])
+    study = Study(output_dir=str(tmp_path / "study"), budgets=[64], pretrain_shares=[0.5], arms=[],
+                  objectives={"mae": {"mae.decoder_embed_dim": 16, "mae.decoder_num_heads": 2}},
+                  base={"model": "vit_tiny_patch16_224", "model_kwargs": model_kwargs, "img_size": 16, "data": "synthetic:300"},
+                  pretrain={"batch_size": 8}, finetune={"batch_size": 8})  # fmt: skip
+    with pytest.raises(UsageError, match=r"arms: \[\] names no arm of this budget study \(its arms: scratch, mae0\.5\)"):
+        budget_plan(study)
+    with pytest.raises(UsageError, match=r"arms: \[\] names no arm of this study \(its arms: scratch, scratch_matched, supervised, mae\)"):
+        Study(output_dir="unused", objectives={"mae": {}}, arms=[]).arm_names()
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "study"), "budgets": [64], "arms": [], "frozen": True,
+                                      "objectives": study.objectives, "base": study.base, "pretrain": study.pretrain, "finetune": study.finetune}))  # fmt: skip
+    with pytest.raises(UsageError, match=r"arms: \[\] names no arm"):
+        main(["--config", str(config)])
+    assert not (tmp_path / "study").exists()  # refused before the random-weights features were read
+
 def test_the_figure_draws_each_read_out_as_its_own_curve(tmp_path, monkeypatch):
     """A read-out is another way of reading the same pretraining, not another point of its curve: joined by one line,
     a probe (fewer FLOPs: no backward through the backbone) and a fine-tuning drew a slope no budget made."""
