@@ -43,7 +43,7 @@ def run_command(argv=None) -> dict:
                    help="evaluate the checkpoint's architecture at random initialisation: the no-pretraining reference")  # fmt: skip
     p.add_argument("--checkpoint_key", metavar="NAME",
                    help="evaluate this backbone of the checkpoint (e.g. backbone: DINO's student; momentum_backbone: MoCo v3's "
-                        "momentum encoder); default: the one its objective releases")
+                        "momentum encoder; teacher.backbone: FixMatch's EMA teacher); default: the one its objective releases")
     args = parse_args(p, argv)
 
     trained_by = None  # a timm model: no objective of ssvit's names its representation (auto reads its pre-logits)

@@ -89,7 +89,7 @@ def run_command(argv=None) -> Path:
     p.add_argument("--onnx", action="store_true", help="also write model.onnx with a dynamic batch axis (the onnx extra)")
     p.add_argument("--checkpoint_key", metavar="NAME",
                    help="export this backbone of the checkpoint (e.g. backbone: DINO's student; momentum_backbone: MoCo v3's "
-                        "momentum encoder); default: the one its objective releases")
+                        "momentum encoder; teacher.backbone: FixMatch's EMA teacher); default: the one its objective releases")
     args = parse_args(p, argv)
     out = export(args.checkpoint, args.out, args.with_head, not args.no_ema, args.overwrite, args.push_to_hub, args.onnx,
                  args.checkpoint_key)  # fmt: skip

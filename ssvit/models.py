@@ -133,10 +133,13 @@ def released_prefix(checkpoint: str | Path, state: dict[str, torch.Tensor], key:
     if key is None:
         return released
     prefix = f"{key.removesuffix('.')}."
-    if not any(k.startswith(prefix) for k in state):
-        inner = {k.removeprefix(released) for k in state if k.startswith(released)}  # a backbone's own keys
-        held = sorted({k.split(".")[0] for k in state if k.partition(".")[2] in inner})
-        fix = f"its backbones are: {', '.join(held)}" if held else f"it holds one backbone (an exported model): drop {flag}"
+    inner = {k.removeprefix(released) for k in state if k.startswith(released)}  # a backbone's own keys
+    # Every prefix under which the checkpoint holds all of them (e.g. FixMatch's teacher.backbone, under teacher).
+    held = sorted({k.removesuffix(i) for k in state for i in (k.partition(".")[2], k.split(".", 2)[-1]) if i in inner})
+    held = [p for p in held if all(p + i in state for i in inner)]
+    if prefix not in held:
+        backbones = ", ".join(p.removesuffix(".") for p in held)
+        fix = f"its backbones are: {backbones}" if held else f"it holds one backbone (an exported model): drop {flag}"
         raise UsageError(f"{flag} {key}: {checkpoint} has no backbone under it; {fix}.")
     return prefix
 

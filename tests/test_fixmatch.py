@@ -206,3 +206,20 @@ def test_with_init_the_teacher_starts_from_the_loaded_weights_and_a_classifier_k
         else:
             assert not objective.head.weight.any()  # zero-initialised: masked patch's head is no classifier
         torch.testing.assert_close(objective.teacher["head"].weight, objective.head.weight)
+
+
+def test_the_ema_teacher_is_a_backbone_to_evaluate_or_export_by_name(tmp_path):
+    """FixMatch's implementations evaluate their EMA model: `--checkpoint_key teacher` passed the check (keys
+    start with it) and then failed on 30 unexpected keys with advice about --model; the teacher's backbone is
+    teacher.backbone, and the refusal of `teacher` lists the backbones the checkpoint holds."""
+    from ssvit.export import main as export_main
+
+    main(fixmatch_args(tmp_path, "--fixmatch.teacher", "ema", "--max_steps", "2", "--save_steps", "2"))
+    ckpt = tmp_path / "run/checkpoints/step_000002"
+    state = load_file(ckpt / "model.safetensors")
+    export_main([str(ckpt), "--out", str(tmp_path / "teacher"), "--checkpoint_key", "teacher.backbone"])
+    exported = load_file(tmp_path / "teacher/model.safetensors")
+    assert torch.equal(exported["blocks.0.attn.qkv.weight"], state["teacher.backbone.blocks.0.attn.qkv.weight"])
+    assert not torch.equal(exported["blocks.0.attn.qkv.weight"], state["backbone.blocks.0.attn.qkv.weight"])
+    with pytest.raises(UsageError, match=r"--checkpoint_key teacher: .* has no backbone under it; its backbones are: backbone, teacher\.backbone\.$"):
+        export_main([str(ckpt), "--out", str(tmp_path / "typo"), "--checkpoint_key", "teacher"])
