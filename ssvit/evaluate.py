@@ -35,7 +35,10 @@ def run_command(argv=None) -> dict:
     p.add_argument("--representation", default="auto", choices=["auto", "cls", "mean", "prelogits"])
     p.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10, 25])
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--max_train", type=int, default=10_000, help="training images for probe and k-NN")
+    p.add_argument("--max_train", type=int, default=10_000, help="training images for probe, k-NN and --lsq")
+    p.add_argument("--lsq", action="store_true",
+                   help="also the closed-form least-squares read-out on all those training images, its L2 by leave-one-out "
+                        "on them (the budget studies' +lsq)")  # fmt: skip
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--bf16", action="store_true", help="extract features under bf16 autocast")
     p.add_argument("--output", default=None, help="JSON file (default: evaluation.json beside the checkpoint)")
@@ -63,12 +66,13 @@ def run_command(argv=None) -> dict:
     rep = representation_for(trained_by, args.representation)
     result = {"checkpoint": "random initialisation" if args.random_init else str(args.init), "data": splits.description}
     start = time.perf_counter()
-    if args.bf16 and not cpu_has_bf16():
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # features on the GPU, solves on the CPU
+    if args.bf16 and device.type == "cpu" and not cpu_has_bf16():
         print("This CPU has no bf16 matrix units: --bf16 would be hundreds of times slower here; extracting in fp32.")
         args.bf16 = False
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-        result |= evaluate_backbone(backbone, splits, rep, tuple(args.shots), tuple(range(args.seeds)),
-                                    max_train=args.max_train, batch_size=args.batch_size)  # fmt: skip
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+        result |= evaluate_backbone(backbone.to(device), splits, rep, tuple(args.shots), tuple(range(args.seeds)),
+                                    max_train=args.max_train, device=device, batch_size=args.batch_size, lsq=args.lsq)  # fmt: skip
     result["seconds"] = time.perf_counter() - start
     result["peak_memory_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     init = Path(args.init)

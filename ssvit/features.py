@@ -196,8 +196,9 @@ def evaluate_lsq(backbone, splits, representation: str, device="cpu", batch_size
 
 
 def evaluate_backbone(backbone, splits, representation: str, shots=(1, 5, 10, 25), seeds=(0, 1, 2), probe=True,
-                      max_train: Optional[int] = 10_000, device="cpu", batch_size: int = 256) -> dict:  # fmt: skip
-    """All frozen-feature metrics on splits.val, fitted on (at most max_train) un-augmented training images."""
+                      max_train: Optional[int] = 10_000, device="cpu", batch_size: int = 256, lsq: bool = False) -> dict:  # fmt: skip
+    """All frozen-feature metrics on splits.val, fitted on (at most max_train) un-augmented training images; with
+    lsq also LsqReadout (every one of those images, L2 by leave-one-out)."""
     mean, std = normalisation(backbone, device)
     train = splits.train.augmented(None)  # features of the images as stored, not augmented
     if max_train is not None and len(train) > max_train:
@@ -211,6 +212,9 @@ def evaluate_backbone(backbone, splits, representation: str, shots=(1, 5, 10, 25
         result["linear_probe"] = linear_probe(tx, ty, vx, vy, k)
     result["knn20"] = knn_accuracy(tx, ty, vx, vy, k)
     result["knn20_weighted"] = knn_accuracy(tx, ty, vx, vy, k, temperature=0.07)  # DINO's k-NN
+    if lsq:
+        readout = LsqReadout.fit(tx, ty, k)
+        result |= {"lsq": readout.predict(vx).eq(vy).double().mean().item(), "lsq_l2_reg": readout.l2_reg}
     return result
 
 

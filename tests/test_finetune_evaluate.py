@@ -161,6 +161,25 @@ def test_evaluate_command_writes_json_and_table(checkpoints, tmp_path):
     assert json.loads(out.read_text()) == result and "fewshot_5shot" in out.with_suffix(".md").read_text()
 
 
+def test_evaluate_lsq_is_the_studies_read_out_fitted_on_the_training_images(checkpoints, tmp_path, monkeypatch):
+    """--lsq: the read-out that leads the budget studies (LsqReadout: every labelled image, L2 by leave-one-out),
+    fitted on the same training features as the probe and scored on the validation features."""
+    import ssvit.features
+
+    extracted = []
+    real = ssvit.features.extract_features
+    monkeypatch.setattr(ssvit.features, "extract_features", lambda *a, **k: extracted.append(real(*a, **k)) or extracted[-1])
+    result = evaluate_main(["--init", str(checkpoints["masked_patch"]), "--shots", "1", "--seeds", "1", "--lsq",
+                            "--max_train", "300", "--output", str(tmp_path / "eval.json")])  # fmt: skip
+    (tx, ty), (vx, vy) = extracted
+    readout = LsqReadout.fit(tx, ty, 10)
+    assert len(ty) == result["train_images"] == 300 and result["lsq_l2_reg"] == readout.l2_reg
+    assert result["lsq"] == readout.predict(vx).eq(vy).double().mean().item()
+    assert "lsq" in (tmp_path / "eval.md").read_text()
+    assert "lsq" not in evaluate_main(["--init", str(checkpoints["masked_patch"]), "--shots", "1", "--seeds", "1",
+                                       "--output", str(tmp_path / "plain.json")])  # fmt: skip
+
+
 def test_fine_tuning_from_an_exported_backbone_with_layer_decay(checkpoints, tmp_path):
     from ssvit.export import main as export_main
 
