@@ -107,10 +107,11 @@ def fewshot(train_x, train_y, val_x, val_y, num_classes, shots=(1, 5, 10, 25), s
 
 
 # The same read-out on every labelled image a run has (budget studies' lsq arms): no shots to draw and no labels
-# beyond those images, so L2 is chosen by leave-one-out accuracy on them, for the whole grid from one SVD of the
-# standardised features a = U S V^T: the fit's predictions are H t with the hat matrix H = U diag(s^2 / (s^2 + l2)) U^T,
-# and leaving image i out predicts (H t)_i - h_ii t_i over 1 - h_ii (the PRESS identity; the standardisation stays
-# that of all the images).
+# beyond those images, so L2 is chosen by leave-one-out accuracy on them, for the whole grid from one eigen-
+# decomposition of the Gram matrix a^T a = V diag(e) V^T of the standardised features a (e = s^2 of a = U S V^T): the
+# fit's predictions are H t with the hat matrix H = (a V) diag(1 / (e + l2)) (a V)^T, and leaving image i out predicts
+# (H t)_i - h_ii t_i over 1 - h_ii (the PRESS identity; the standardisation stays that of all the images). Beside the
+# features themselves, only (D, D) and (D, K) sums and `chunk` rows at a time are held in float64, not n x D copies.
 LSQ_L2_GRID = tuple(2.0**k for k in range(-4, 17))
 
 
@@ -126,21 +127,31 @@ class LsqReadout:
     loo_accuracies: list[float]
 
     @classmethod
-    def fit(cls, x: torch.Tensor, labels: torch.Tensor, num_classes: int, grid=LSQ_L2_GRID) -> "LsqReadout":
-        x = x.double()
-        mean, std = x.mean(0, keepdim=True), x.std(0, unbiased=False, keepdim=True) + 1e-5
-        a = _standardised_with_bias(x, mean, std)
-        targets = F.one_hot(labels, num_classes).double() * 2 - 1
-        u, s, _ = torch.linalg.svd(a, full_matrices=False)
-        projected = u.T @ targets
-        accuracies = []
-        for l2 in grid:
-            shrink = s**2 / (s**2 + l2)
-            hat = (u**2 @ shrink)[:, None]
-            left_out = (u @ (shrink[:, None] * projected) - hat * targets) / (1 - hat).clamp_min(1e-12)
-            accuracies.append(left_out.argmax(1).eq(labels).double().mean().item())
+    def fit(cls, x: torch.Tensor, labels: torch.Tensor, num_classes: int, grid=LSQ_L2_GRID, chunk: int = 65_536) -> "LsqReadout":
+        n = len(x)
+        rows = lambda: ((x[i : i + chunk].double(), labels[i : i + chunk]) for i in range(0, n, chunk))  # noqa: E731
+        total = sum(c.sum(0, keepdim=True) for c, _ in rows())
+        mean = total / n
+        std = (sum((c - mean).square().sum(0, keepdim=True) for c, _ in rows()) / n).sqrt() + 1e-5
+        gram, moment = 0, 0  # a^T a and a^T t
+        for c, y in rows():
+            a, t = _standardised_with_bias(c, mean, std), F.one_hot(y, num_classes).double() * 2 - 1
+            gram, moment = gram + a.T @ a, moment + a.T @ t
+        e, v = torch.linalg.eigh(gram)
+        projected = v.T @ moment
+        inverse = [1 / (e + l2) for l2 in grid]
+        correct = [0] * len(grid)
+        for c, y in rows():
+            b, t = _standardised_with_bias(c, mean, std) @ v, F.one_hot(y, num_classes).double() * 2 - 1
+            squared = b.square()
+            for k, inv in enumerate(inverse):
+                hat = (squared @ inv)[:, None]
+                left_out = (b @ (inv[:, None] * projected) - hat * t) / (1 - hat).clamp_min(1e-12)
+                correct[k] += left_out.argmax(1).eq(y).sum().item()
+        accuracies = [c / n for c in correct]
         best = max(zip(accuracies, grid))[1]
-        return cls(mean, std, ridge_fit(a, targets, best), best, accuracies)
+        weights = torch.linalg.solve(gram + best * torch.eye(len(gram), dtype=gram.dtype), moment)  # ridge_fit's primal
+        return cls(mean, std, weights, best, accuracies)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return (_standardised_with_bias(x, self.mean, self.std) @ self.weights).argmax(1)

@@ -79,7 +79,7 @@ def test_few_shot_is_perfect_on_linearly_separable_data():
 
 @pytest.mark.parametrize("n, d", [(60, 8), (20, 30)], ids=["primal", "dual"])
 def test_the_read_out_chooses_l2_by_leave_one_out_as_refitting_without_each_image_would(n, d):
-    """LsqReadout scores each L2 by leave-one-out in closed form (one SVD); refitting n times without each image
+    """LsqReadout scores each L2 by leave-one-out in closed form (one eigendecomposition); refitting n times without each image
     (its standardisation kept, as the closed form keeps it) gives the same accuracies, so the same choice."""
     torch.manual_seed(0)
     labels = torch.arange(n) % 3
@@ -96,6 +96,9 @@ def test_the_read_out_chooses_l2_by_leave_one_out_as_refitting_without_each_imag
     best = max(readout.loo_accuracies)
     assert readout.l2_reg == max(l2 for l2, a in zip(grid, readout.loo_accuracies) if a == best)  # ties: the stronger L2
     assert torch.equal(readout.predict(feats), (x @ ridge_fit(x, targets, readout.l2_reg)).argmax(1))
+    chunked = LsqReadout.fit(feats, labels, 3, grid, chunk=7)  # many images are read a chunk of rows at a time
+    assert chunked.loo_accuracies == readout.loo_accuracies and chunked.l2_reg == readout.l2_reg
+    torch.testing.assert_close(chunked.weights, readout.weights)
 
 
 def test_position_embedding_interpolation():
