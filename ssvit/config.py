@@ -58,7 +58,8 @@ class TrainConfig:
 
     init_checkpoint_key: Optional[str] = None
     """With --init an ssvit checkpoint: start from this backbone of it (e.g. backbone: DINO's student; momentum_backbone:
-    MoCo v3's momentum encoder; teacher.backbone: FixMatch's EMA teacher); unset: the one its objective releases (DINO's teacher, MoCo v3's base encoder)."""
+    MoCo v3's momentum encoder; teacher.backbone: FixMatch's EMA teacher); unset: the one its objective releases (DINO's
+    teacher, MoCo v3's base encoder)."""
 
     data: str = "synthetic"
     """synthetic[:N] | parquet:PATH | imagefolder:DIR | a Hugging Face hub dataset name (needs internet)."""
