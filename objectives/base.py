@@ -224,6 +224,10 @@ class Objective(nn.Module):
         to start a momentum teacher from them (a copy made when the objective was built holds the random weights) or
         to take a classifier's head."""
 
+    def on_train_start(self, images) -> None:
+        """Optional: called once before a run's first step, not when it resumes (its checkpoint holds what this set),
+        with the run's labelled training images (an ImageDataset), e.g. to start a head from the frozen features."""
+
     def on_train_step(self, out: StepOutput) -> None:
         """Optional: statistics kept over training steps (the loop calls it after each forward of training, every
         micro-step of gradient accumulation)."""

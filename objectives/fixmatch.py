@@ -115,6 +115,12 @@ class FixMatch(Supervised):
             self.teacher["backbone"].load_state_dict(self.backbone.state_dict())
             self.teacher["head"].load_state_dict(self.head.state_dict())
 
+    @torch.no_grad()
+    def on_train_start(self, images) -> None:
+        super().on_train_start(images)
+        if self.teacher is not None:  # a head set there (lsq_head) is the teacher's too
+            self.teacher["head"].load_state_dict(self.head.state_dict())
+
     def train(self, mode: bool = True):
         super().train(mode)
         if self.teacher is not None:

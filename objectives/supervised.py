@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 from torch import nn
+from torch.utils.data import DataLoader
 
 from ssvit.objectives import register
 from ssvit.objectives.base import Objective, StepOutput, mlp_tanh_head
@@ -30,11 +31,19 @@ class Supervised(Objective):
         """linear, or the paper's pretraining head: an MLP with one tanh hidden layer."""
         zero_init_head: bool = False
         """Zero-initialise the head's last layer (paper section 3.2: fine-tuning heads start at zero)."""
+        lsq_head: bool = False
+        """Start the (linear) head from the least-squares read-out of the frozen features of the labelled images, then
+        fine-tune everything: LP-FT (Kumar et al., ICLR 2022, arXiv 2202.10054, section 3), with the ViT paper's closed-form
+        read-out (`ssvit evaluate --lsq`) as the linear probe."""
 
     @classmethod
     def check_options(cls, cfg, options: Options) -> None:
-        check_ranges([("label_smoothing", options.label_smoothing, 0 <= options.label_smoothing < 1, "in [0, 1) (e.g. 0.1)")],
-                     f"--{cls.name}.")
+        check_ranges([("label_smoothing", options.label_smoothing, 0 <= options.label_smoothing < 1, "in [0, 1) (e.g. 0.1)"),
+                      ("lsq_head", options.lsq_head, not options.lsq_head or options.head == "linear",
+                       f"used with a linear head (--{cls.name}.head linear): the read-out is linear"),
+                      ("lsq_head", options.lsq_head, not (options.lsq_head and cfg.streaming),
+                       "used without --streaming: the labelled images are read once before training")],
+                     f"--{cls.name}.")  # fmt: skip
 
     def __init__(self, backbone: nn.Module, num_classes: int, options: Options):
         super().__init__(backbone, num_classes, options)
@@ -46,6 +55,28 @@ class Supervised(Objective):
         else:
             nn.init.trunc_normal_(last.weight, std=0.02)
         nn.init.zeros_(last.bias)
+
+    @torch.no_grad()
+    def on_train_start(self, images) -> None:
+        """With lsq_head: the head becomes LsqReadout on the features it reads (the backbone's pooled output, eval
+        mode), its standardisation and bias feature folded into the head's weight and bias."""
+        if not self.options.lsq_head:
+            return
+        from ssvit.features import FEWSHOT_BIAS, LsqReadout
+
+        was_training, device = self.training, self.head.weight.device
+        self.eval()
+        features, labels = [], []
+        for batch in DataLoader(images.augmented(None), batch_size=256):
+            features.append(self.backbone(self.normalize(batch["image"].to(device).float() / 255)).float().cpu())
+            labels.append(batch["label"])
+        self.train(was_training)
+        readout = LsqReadout.fit(torch.cat(features), torch.cat(labels), self.num_classes)
+        # scores = ((x - mean) / std) @ W[:-1] + 100 W[-1]  =  x @ (W[:-1] / std^T) + (100 W[-1] - (mean / std) @ W[:-1])
+        weight = readout.weights[:-1] / readout.std.T
+        bias = FEWSHOT_BIAS * readout.weights[-1] - (readout.mean / readout.std) @ readout.weights[:-1]
+        self.head.weight.copy_(weight.T)
+        self.head.bias.copy_(bias.squeeze(0))
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(self.normalize(images)))

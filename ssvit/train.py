@@ -370,6 +370,8 @@ def setup(run: RunConfig, accelerator: Accelerator, resume_from: Optional[Path] 
     if cfg.compile:
         model = torch.compile(model)
     unwrapped = accelerator.unwrap_model(model)
+    if resume_from is None:  # before the EMA copies the model: what the objective sets here is where it starts
+        unwrapped.on_train_start(splits.train)
     ema = ModelEmaV3(unwrapped, decay=cfg.ema_decay) if cfg.ema_decay else None
     state = State(run=run, accelerator=accelerator, model=model, unwrapped=unwrapped, optimizer=optimizer,
                   scheduler=make_scheduler(optimizer, cfg), steps_per_epoch=steps_per_epoch, ema=ema, splits=splits,

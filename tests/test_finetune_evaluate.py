@@ -147,6 +147,48 @@ def test_fine_tuning_starts_from_a_zero_head_with_the_pretrained_backbone(checkp
     assert torch.equal(model.backbone.pos_embed, saved["backbone.pos_embed"])
 
 
+def test_lsq_head_starts_fine_tuning_from_the_least_squares_read_out_once(checkpoints, tmp_path, monkeypatch):
+    """--supervised.lsq_head (LP-FT): before the first step the head is the least-squares read-out of the frozen
+    features of the labelled images, the same scores as LsqReadout's up to the head's float32; a resumed run keeps the
+    head its checkpoint holds (the read-out is not fitted again); refused where it cannot run."""
+    from ssvit.config import finetune_defaults, parse
+    from ssvit.data import load_splits
+    from ssvit.errors import UsageError
+    from ssvit.objectives.supervised import Supervised
+    from ssvit.train import build_objective
+
+    argv = ["--init", str(checkpoints["masked_patch"]), "--data", "synthetic:300", "--supervised.lsq_head", "true",
+            "--label_fraction", "0.5", "--mixed_precision", "no"]  # fmt: skip
+    run = parse(argv, defaults=finetune_defaults(argv))
+    model = build_objective(run, num_classes=10)
+    splits = load_splits(run.train)
+    model.on_train_start(splits.train)
+    stored = splits.train.augmented(None)  # the images as stored, not the training crops
+    images = torch.stack([stored[i]["image"] for i in range(len(stored))]).float() / 255
+    labels = torch.tensor([stored[i]["label"] for i in range(len(stored))])
+    with torch.no_grad():
+        features = model.eval().backbone(model.normalize(images))
+        readout = LsqReadout.fit(features, labels, 10)
+        expected = torch.cat([(features.double() - readout.mean) / readout.std, torch.full((len(labels), 1), 100.0, dtype=torch.float64)], 1) @ readout.weights
+        torch.testing.assert_close(model.head(features).double(), expected, atol=1e-4, rtol=1e-4)
+    assert torch.equal(model.head(features).argmax(1), readout.predict(features))
+
+    fits = []
+    real = Supervised.on_train_start
+    monkeypatch.setattr(Supervised, "on_train_start", lambda self, images: (fits.append(1), real(self, images)))
+    flags = [*argv, "--batch_size", "16", "--cpu_threads", "1", "--fewshot_steps", "0", "--report_to", "[]",
+             "--save_steps", "1", "--output_dir", str(tmp_path / "ft")]  # fmt: skip
+    finetune_main([*flags, "--max_steps", "2"])
+    import shutil
+
+    shutil.rmtree(tmp_path / "ft/checkpoints/step_000002")  # as if stopped after step 1's checkpoint
+    (tmp_path / "ft/results.json").unlink()
+    assert finetune_main([*flags, "--max_steps", "2", "--resume", "auto"])["steps"] == 2
+    assert fits == [1]
+    with pytest.raises(UsageError, match=r"--supervised\.lsq_head True: must be used with a linear head"):
+        finetune_main([*flags, "--supervised.head", "mlp_tanh", "--output_dir", str(tmp_path / "mlp")])
+
+
 def test_fine_tuning_at_twice_the_resolution(checkpoints, tmp_path):
     result = finetune_main(["--init", str(checkpoints["masked_patch"]), "--img_size", "64", "--data", "synthetic:600",
                             "--max_steps", "2", "--batch_size", "16", "--mixed_precision", "no", "--report_to", "[]",

@@ -223,3 +223,14 @@ def test_the_ema_teacher_is_a_backbone_to_evaluate_or_export_by_name(tmp_path):
     assert not torch.equal(exported["blocks.0.attn.qkv.weight"], state["backbone.blocks.0.attn.qkv.weight"])
     with pytest.raises(UsageError, match=r"--checkpoint_key teacher: .* has no backbone under it; its backbones are: backbone, teacher\.backbone\.$"):
         export_main([str(ckpt), "--out", str(tmp_path / "typo"), "--checkpoint_key", "teacher"])
+
+
+def test_a_head_started_from_the_read_out_is_the_ema_teacher_s_too():
+    """--fixmatch.lsq_head sets the head before the first step; the EMA teacher, copied when the objective was built,
+    must label with that head, not the zero one."""
+    run = parse(fixmatch_args(ROOT / "unused", "--fixmatch.teacher", "ema", "--fixmatch.lsq_head", "true"))
+    objective = build_objective(run, 10)
+    objective.on_train_start(load_splits(run.train).train)
+    assert objective.head.weight.abs().sum() > 0
+    assert torch.equal(objective.teacher["head"].weight, objective.head.weight)
+    assert torch.equal(objective.teacher["head"].bias, objective.head.bias)
