@@ -364,14 +364,15 @@ def setup(run: RunConfig, accelerator: Accelerator, resume_from: Optional[Path] 
                                       drop_last=True, generator=torch.Generator().manual_seed(cfg.seed + 1), **workers)  # fmt: skip
         unlabeled = dict(unlabeled_loader=accelerator.prepare(unlabeled_loader), unlabeled_sampler=unlabeled_sampler,
                          unlabeled_steps_per_epoch=unlabeled_steps)  # fmt: skip
+    if resume_from is None:  # on the device, before prepare (whose wrapper hands every process the main process's
+        model.to(accelerator.device)  # weights) and before the EMA copy: what the objective sets here is where it starts
+        model.on_train_start(splits.train)
     model, optimizer, val_loader, *test_loader = accelerator.prepare(model, optimizer, *held_out)
     if not cfg.streaming:
         loader = accelerator.prepare(loader)
     if cfg.compile:
         model = torch.compile(model)
     unwrapped = accelerator.unwrap_model(model)
-    if resume_from is None:  # before the EMA copies the model: what the objective sets here is where it starts
-        unwrapped.on_train_start(splits.train)
     ema = ModelEmaV3(unwrapped, decay=cfg.ema_decay) if cfg.ema_decay else None
     state = State(run=run, accelerator=accelerator, model=model, unwrapped=unwrapped, optimizer=optimizer,
                   scheduler=make_scheduler(optimizer, cfg), steps_per_epoch=steps_per_epoch, ema=ema, splits=splits,
