@@ -56,10 +56,10 @@ class Study:
     arms: Optional[list] = None
     """Which arms run: scratch, scratch_matched, supervised and the objectives' names (unset: all of them). With
     budgets: the cells' own names (scratch, semi, joint, <objective><share>, <objective><share>+<read-out>...)."""
-    budgets: list = field(default_factory=list)
+    budgets: Optional[list] = field(default_factory=list)
     """Compute on the x-axis: budgets in images of fine-tuning from scratch; every arm of a budget spends the same
     training FLOPs (counted per image of each objective with FlopCounterMode). When given, the study runs scratch and
-    every objective at each budget instead of the arms (run_budget_study)."""
+    every objective at each budget instead of the arms (run_budget_study); [] or null: a fixed-budget study."""
     pretrain_shares: list = field(default_factory=lambda: [0.5, 0.75])
     """With budgets: the shares of a budget's FLOPs that an objective spends on pretraining, the rest on fine-tuning.
     The report reads each objective at the share that is best on validation, budget by budget."""
@@ -813,6 +813,7 @@ def run_command(argv=None) -> list[dict]:
     p.add_class_arguments(Study)
     ns = parse_args(p, argv)
     study = Study(**{k: v for k, v in vars(ns).items() if k in Study.__dataclass_fields__})
+    study.budgets = study.budgets or []
     if study.semi is not None:
         check_semi(study)
     elif study.semi_after_finetune is not None:

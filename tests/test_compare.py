@@ -340,6 +340,9 @@ def test_the_closed_form_read_out_fits_each_pretraining_on_the_cells_labelled_im
     config.write_text(yaml.safe_dump({**study, "budgets": []}))
     with pytest.raises(UsageError, match="lsq: the closed-form read-out is part of budget studies"):
         main(["--config", str(config)])
+    # Off as semi and joint are switched off (null), not a parser line about the type of a list.
+    with pytest.raises(UsageError, match="lsq: the closed-form read-out is part of budget studies"):
+        main(["--config", str(config), "--budgets", "null"])
 
 
 def test_arms_picks_cells_of_a_budget_study_and_refuses_a_name_it_does_not_have():
