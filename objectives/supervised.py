@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 from torch import nn
-from torch.utils.data import DataLoader
 
 from ssvit.objectives import register
 from ssvit.objectives.base import Objective, StepOutput, mlp_tanh_head
@@ -62,16 +61,13 @@ class Supervised(Objective):
         mode), its standardisation and bias feature folded into the head's weight and bias."""
         if not self.options.lsq_head:
             return
-        from ssvit.features import FEWSHOT_BIAS, LsqReadout
+        from ssvit.features import FEWSHOT_BIAS, LsqReadout, extract_features
 
-        was_training, device = self.training, self.head.weight.device
-        self.eval()
-        features, labels = [], []
-        for batch in DataLoader(images.augmented(None), batch_size=256):
-            features.append(self.backbone(self.normalize(batch["image"].to(device).float() / 255)).float().cpu())
-            labels.append(batch["label"])
+        was_training = self.training
+        features, labels = extract_features(self.backbone, images.augmented(None), "prelogits", device=self.head.weight.device,
+                                            mean=self.mean, std=self.std, desc="lsq_head features")  # fmt: skip
         self.train(was_training)
-        readout = LsqReadout.fit(torch.cat(features), torch.cat(labels), self.num_classes)
+        readout = LsqReadout.fit(features, labels, self.num_classes)
         # scores = ((x - mean) / std) @ W[:-1] + 100 W[-1]  =  x @ (W[:-1] / std^T) + (100 W[-1] - (mean / std) @ W[:-1])
         weight = readout.weights[:-1] / readout.std.T
         bias = FEWSHOT_BIAS * readout.weights[-1] - (readout.mean / readout.std) @ readout.weights[:-1]

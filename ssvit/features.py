@@ -130,8 +130,7 @@ class LsqReadout:
     def fit(cls, x: torch.Tensor, labels: torch.Tensor, num_classes: int, grid=LSQ_L2_GRID, chunk: int = 65_536) -> "LsqReadout":
         n = len(x)
         rows = lambda: ((x[i : i + chunk].double(), labels[i : i + chunk]) for i in range(0, n, chunk))  # noqa: E731
-        total = sum(c.sum(0, keepdim=True) for c, _ in rows())
-        mean = total / n
+        mean = sum(c.sum(0, keepdim=True) for c, _ in rows()) / n
         std = (sum((c - mean).square().sum(0, keepdim=True) for c, _ in rows()) / n).sqrt() + 1e-5
         gram, moment = 0, 0  # a^T a and a^T t
         for c, y in rows():
